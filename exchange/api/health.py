@@ -1,0 +1,80 @@
+"""Liveness, readiness and the API description: the routes that need no signature."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from ..errors import ExchangeError
+from .keys import DB, OPENAPI, SETTINGS, STORAGE
+from .problems import problem_body, problem_response
+from .routing import CTX, Route
+
+__all__ = ["ROUTES"]
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready when the database and the storage both answer within the storage timeout."""
+    timeout = request.app[SETTINGS].storage_timeout_s
+    checks: dict[str, str] = {}
+
+    async def check(name: str, probe: asyncio.Future[None] | asyncio.Task[None]) -> None:
+        try:
+            await asyncio.wait_for(probe, timeout)
+            checks[name] = "ok"
+        except TimeoutError:
+            checks[name] = "timeout"
+        except ExchangeError as exc:
+            checks[name] = exc.code
+
+    await asyncio.gather(
+        check("database", asyncio.ensure_future(request.app[DB].ping())),
+        check("storage", asyncio.ensure_future(request.app[STORAGE].ping())),
+    )
+    if all(v == "ok" for v in checks.values()):
+        return web.json_response({"status": "ready", "checks": checks})
+    failing = ", ".join(f"{k}: {v}" for k, v in checks.items() if v != "ok")
+    body = problem_body(
+        status=503,
+        code="not-ready",
+        title="Service not ready",
+        detail=f"a dependency is not answering ({failing})",
+        request_id=request[CTX].request_id,
+        checks=checks,
+    )
+    return problem_response(body, headers={"Retry-After": "5"})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(request.app[OPENAPI])
+
+
+ROUTES = [
+    Route(
+        "GET",
+        "/healthz",
+        healthz,
+        "health.live",
+        "Liveness: the process answers",
+        "health",
+        auth="none",
+        response="Health",
+    ),
+    Route(
+        "GET",
+        "/readyz",
+        readyz,
+        "health.ready",
+        "Readiness: database and storage answer",
+        "health",
+        auth="none",
+        response="Health",
+        errors=(503,),
+    ),
+    Route("GET", "/openapi.json", openapi, "openapi", "This API's OpenAPI 3.1 document", "meta", auth="none"),
+]

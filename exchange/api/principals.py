@@ -1,0 +1,206 @@
+"""Handlers for identity: who am I, organisations, invites, enrolment, principals."""
+
+from __future__ import annotations
+
+import base64
+
+from aiohttp import web
+
+from ..errors import AgeError, BadSignature, UnknownKey, ValidationError
+from ..format import age
+from ..identity import PublicKeys
+from ..services import principals as svc
+from .auth import authenticate_with_key
+from .keys import AUDIT, CLOCK, DB, SETTINGS
+from .routing import BODY, CTX, PRINCIPAL, Route, path_param, query_param
+
+__all__ = ["ROUTES"]
+
+
+async def whoami(request: web.Request) -> web.Response:
+    return web.json_response(svc.principal_json(request[PRINCIPAL]))
+
+
+async def create_org(request: web.Request) -> web.Response:
+    app = request.app
+    org = await svc.create_org(
+        app[DB], app[AUDIT], request[CTX], request[PRINCIPAL], request[BODY]["name"], app[CLOCK]()
+    )
+    return web.json_response({"id": org.id, "name": org.name, "created_at_ms": org.created_at_ms}, status=201)
+
+
+async def list_orgs(request: web.Request) -> web.Response:
+    svc.require_role(request[PRINCIPAL], "admin", "auditor")
+    orgs = await svc.list_orgs(request.app[DB])
+    return web.json_response(
+        {"items": [{"id": o.id, "name": o.name, "created_at_ms": o.created_at_ms} for o in orgs]}
+    )
+
+
+async def create_invite(request: web.Request) -> web.Response:
+    app, body = request.app, request[BODY]
+    invite, code = await svc.create_invite(
+        app[DB],
+        app[AUDIT],
+        request[CTX],
+        request[PRINCIPAL],
+        role=body["role"],
+        org_name=body["org"],
+        lifetime_s=body.get("expires_in_s", app[SETTINGS].invite_default_lifetime_s),
+        now_ms=app[CLOCK](),
+    )
+    return web.json_response(
+        {
+            "id": invite.id,
+            "code": code,
+            "role": invite.role,
+            "org": invite.org_name,
+            "expires_at_ms": invite.expires_at_ms,
+        },
+        status=201,
+    )
+
+
+async def enroll(request: web.Request) -> web.Response:
+    """Register the caller's keys with an invite; the request is signed by the key it registers."""
+    app, body = request.app, request[BODY]
+    keys = PublicKeys(
+        signing_public_key=base64.b64decode(body["signing_public_key"], validate=True),
+        age_recipient=body["age_recipient"],
+    )
+    try:
+        age.parse_recipient(keys.age_recipient)
+    except AgeError as exc:
+        raise ValidationError(
+            "field 'age_recipient' is not a valid age recipient", field="age_recipient"
+        ) from exc
+    try:
+        await authenticate_with_key(request, keys.key_id, keys.signing_public_key)
+    except UnknownKey as exc:
+        raise BadSignature("enrolment must be signed by the signing key it registers") from exc
+    principal = await svc.enroll(
+        app[DB],
+        app[AUDIT],
+        request[CTX],
+        code=body["code"],
+        name=body["name"],
+        keys=keys,
+        now_ms=app[CLOCK](),
+    )
+    return web.json_response(svc.principal_json(principal), status=201)
+
+
+async def list_principals(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    q = request.query
+    try:
+        limit = int(q.get("limit", settings.page_size_default))
+    except ValueError:
+        raise ValidationError("query parameter 'limit' must be an integer", field="limit") from None
+    if not 1 <= limit <= settings.page_size_max:
+        raise ValidationError(f"query parameter 'limit' must be between 1 and {settings.page_size_max}")
+    role = q.get("role")
+    if role is not None and role not in svc.ROLES:
+        raise ValidationError(f"query parameter 'role' must be one of: {', '.join(svc.ROLES)}", field="role")
+    items = await svc.list_principals(
+        request.app[DB], org=q.get("org"), role=role, limit=limit + 1, after=q.get("cursor")
+    )
+    more = len(items) > limit
+    items = items[:limit]
+    return web.json_response(
+        {
+            "items": [svc.principal_json(p) for p in items],
+            "next_cursor": items[-1].name if more else None,
+        }
+    )
+
+
+async def get_principal(request: web.Request) -> web.Response:
+    principal = await svc.get_principal(request.app[DB], request.match_info["name"])
+    return web.json_response(svc.principal_json(principal))
+
+
+ROUTES = [
+    Route(
+        "GET",
+        "/v1/whoami",
+        whoami,
+        "whoami",
+        "The principal that signed this request",
+        "principals",
+        response="Principal",
+    ),
+    Route(
+        "POST",
+        "/v1/orgs",
+        create_org,
+        "org.create",
+        "Create an organisation (admin)",
+        "principals",
+        body="OrgCreate",
+        response="Org",
+        status=201,
+        errors=(403, 409),
+    ),
+    Route(
+        "GET",
+        "/v1/orgs",
+        list_orgs,
+        "org.list",
+        "List organisations (admin, auditor)",
+        "principals",
+        response="OrgList",
+        errors=(403,),
+    ),
+    Route(
+        "POST",
+        "/v1/invites",
+        create_invite,
+        "invite.create",
+        "Issue a one-time invite (admin)",
+        "principals",
+        body="InviteCreate",
+        response="Invite",
+        status=201,
+        errors=(403, 404),
+    ),
+    Route(
+        "POST",
+        "/v1/enroll",
+        enroll,
+        "principal.enroll",
+        "Register public keys with an invite; signed by the key being registered",
+        "principals",
+        auth="self",
+        body="Enroll",
+        response="Principal",
+        status=201,
+        errors=(403, 409),
+    ),
+    Route(
+        "GET",
+        "/v1/principals",
+        list_principals,
+        "principal.list",
+        "List principals and their public keys",
+        "principals",
+        response="PrincipalList",
+        parameters=(
+            query_param("org", "only this organisation", {"type": "string"}),
+            query_param("role", "only this role", {"type": "string", "enum": list(svc.ROLES)}),
+            query_param("limit", "page size", {"type": "integer", "minimum": 1}),
+            query_param("cursor", "next_cursor of the previous page", {"type": "string"}),
+        ),
+    ),
+    Route(
+        "GET",
+        "/v1/principals/{name}",
+        get_principal,
+        "principal.get",
+        "One principal and its public keys",
+        "principals",
+        response="Principal",
+        parameters=(path_param("name", "principal name"),),
+        errors=(404,),
+    ),
+]

@@ -1,0 +1,69 @@
+"""The route table: each endpoint once, with what it needs, from which the app and the OpenAPI
+document are both built.
+
+Authentication is on by default: a route that needs no signature says `auth="none"`, and the
+one route that verifies a signature against a key carried in its own body (enrolment) says
+`auth="self"` and calls the verifier itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from aiohttp import web
+
+from ..services.audit import Context
+from ..services.principals import Principal
+
+__all__ = ["BODY", "CTX", "PRINCIPAL", "ROUTE", "Route"]
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    operation_id: str
+    summary: str
+    tag: str
+    auth: Literal["signature", "none", "self"] = "signature"
+    #: Name of the request body's schema in schemas.components(), if it takes a JSON body.
+    body: str | None = None
+    #: Name of the success response's schema, and its status.
+    response: str | None = None
+    status: int = 200
+    #: OpenAPI parameter objects for the query string and path.
+    parameters: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+    #: Error statuses worth documenting beyond the ones every route can give.
+    errors: tuple[int, ...] = ()
+    #: Audit action name for refusals of this route (and for its own events, by convention).
+    action: str = ""
+
+    @property
+    def audit_action(self) -> str:
+        return self.action or self.operation_id
+
+
+# Per-request values the pipeline middleware sets for handlers.
+CTX = web.RequestKey("exchange.ctx", Context)
+PRINCIPAL = web.RequestKey("exchange.principal", Principal)
+BODY = web.RequestKey("exchange.body", dict)
+ROUTE = web.RequestKey("exchange.route", Route)
+
+
+def query_param(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
+
+
+def path_param(name: str, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "description": description,
+        "schema": {"type": "string"},
+    }

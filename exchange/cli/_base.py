@@ -1,0 +1,165 @@
+"""The `exchange` group, its global options, and the one place errors become exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from ..client import Client
+from ..errors import (
+    AuthError,
+    Conflict,
+    DependencyError,
+    ExchangeError,
+    FormatError,
+    InputError,
+    NotFound,
+    PermissionDenied,
+)
+from ..identity import Identity
+
+T = TypeVar("T")
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0  success
+  1  unexpected failure (a bug: please report it with the request id)
+  2  bad usage or bad input (a flag, a file, a value the service refused as invalid)
+  3  not authenticated (unknown key, bad signature, clock skew, replay)
+  4  permission denied (role, grant, invite used or expired)
+  5  not found
+  6  conflict (already exists, already done)
+  7  unavailable (service, database or storage not answering; try again)
+  8  integrity failure (data that does not decrypt, verify or parse)
+"""
+
+EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_AUTH, EXIT_DENIED = 0, 1, 2, 3, 4
+EXIT_NOT_FOUND, EXIT_CONFLICT, EXIT_UNAVAILABLE, EXIT_INTEGRITY = 5, 6, 7, 8
+
+_EXIT_CODES: list[tuple[type[ExchangeError], int]] = [
+    # Most specific first: FormatError and NotFound are InputErrors too.
+    (FormatError, EXIT_INTEGRITY),
+    (NotFound, EXIT_NOT_FOUND),
+    (Conflict, EXIT_CONFLICT),
+    (InputError, EXIT_USAGE),
+    (AuthError, EXIT_AUTH),
+    (PermissionDenied, EXIT_DENIED),
+    (DependencyError, EXIT_UNAVAILABLE),
+]
+
+
+def exit_code_for(exc: ExchangeError) -> int:
+    for cls, code in _EXIT_CODES:
+        if isinstance(exc, cls):
+            return code
+    return EXIT_BUG
+
+
+def default_identity_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "exchange" / "identity.json"
+
+
+@dataclass
+class Options:
+    server: str | None
+    identity_path: Path
+    json: bool
+
+    def identity(self) -> Identity:
+        return Identity.load(self.identity_path)
+
+    def server_url(self, identity: Identity | None = None) -> str:
+        server = self.server or (identity.server if identity else None)
+        if not server:
+            raise InputError("no server given: use --server URL or set EXCHANGE_SERVER")
+        return server
+
+
+def fail(exc: ExchangeError, *, as_json: bool) -> NoReturn:
+    code = exit_code_for(exc)
+    if as_json:
+        click.echo(
+            json.dumps({"error": {"code": exc.code, "detail": exc.message, **_jsonable(exc.extra)}}), err=True
+        )
+    else:
+        hint = f" [{exc.code}]" if exc.code else ""
+        rid = exc.extra.get("request_id")
+        tail = f" (request id {rid})" if rid else ""
+        click.echo(f"exchange: error: {exc.message}{hint}{tail}", err=True)
+    sys.exit(code)
+
+
+def _jsonable(extra: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in extra.items() if isinstance(v, str | int | float | bool) or v is None}
+
+
+def run(opts: Options, work: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    try:
+        return asyncio.run(work())
+    except ExchangeError as exc:
+        fail(exc, as_json=opts.json)
+    except KeyboardInterrupt:
+        click.echo("exchange: interrupted", err=True)
+        sys.exit(130)
+
+
+def output(opts: Options, data: Any, human: Callable[[], None]) -> None:
+    if opts.json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        human()
+
+
+def when(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def with_client(opts: Options, call: Callable[[Client], Awaitable[T]], *, signed: bool = True) -> T:
+    async def work() -> T:
+        identity = opts.identity() if signed else None
+        async with Client(opts.server_url(identity), identity) as client:
+            return await call(client)
+
+    return run(opts, work)
+
+
+pass_opts = click.make_pass_decorator(Options)
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog=EXIT_CODES_HELP,
+)
+@click.option("--server", envvar="EXCHANGE_SERVER", metavar="URL", help="Service URL [env EXCHANGE_SERVER].")
+@click.option(
+    "--identity",
+    "identity_path",
+    envvar="EXCHANGE_IDENTITY",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=default_identity_path,
+    show_default="~/.config/exchange/identity.json",
+    help="Identity file with your private keys [env EXCHANGE_IDENTITY].",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
+@click.version_option(package_name="exchange")
+@click.pass_context
+def main(ctx: click.Context, server: str | None, identity_path: Path, as_json: bool) -> None:
+    """Hand pre-release model artifacts to named testers, end-to-end encrypted, with a verifiable log.
+
+    \b
+    First steps:
+      exchange keygen                      make your keys (private halves stay in the identity file)
+      exchange enroll CODE --name NAME     register them with an invite from an admin
+      exchange whoami                      check who the service thinks you are
+    """
+    ctx.obj = Options(server=server, identity_path=identity_path, json=as_json)

@@ -1,0 +1,180 @@
+"""The exchange SDK: a signed HTTP client for the service's API.
+
+Returns values and raises `ExchangeError` subclasses; never prints or exits (the CLI does).
+A problem detail from the service becomes the exception class of its status, carrying the
+service's problem `code` and `detail`; a service that cannot be reached becomes
+`ServiceUnreachable`.
+"""
+
+from __future__ import annotations
+
+import json
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+from yarl import URL
+
+from ..errors import (
+    AuthError,
+    Conflict,
+    DependencyError,
+    ExchangeError,
+    InputError,
+    NotFound,
+    PayloadTooLarge,
+    PermissionDenied,
+    UnsupportedMediaType,
+    ValidationError,
+)
+from ..identity import Identity
+from .signing import sign_headers
+
+__all__ = ["Client", "ServiceUnreachable"]
+
+
+class ServiceUnreachable(DependencyError):
+    code = "service-unreachable"
+    title = "Service unreachable"
+
+
+_BY_STATUS: dict[int, type[ExchangeError]] = {
+    400: ValidationError,
+    401: AuthError,
+    403: PermissionDenied,
+    404: NotFound,
+    409: Conflict,
+    413: PayloadTooLarge,
+    415: UnsupportedMediaType,
+    503: DependencyError,
+}
+
+
+def _error_from_problem(status: int, body: Any) -> ExchangeError:
+    cls = _BY_STATUS.get(status) or (InputError if status < 500 else DependencyError)
+    if isinstance(body, dict):
+        detail = str(body.get("detail") or body.get("title") or f"HTTP {status}")
+        code = body.get("code")
+        return cls(detail, code=str(code) if code else None, status=status, request_id=body.get("request_id"))
+    return cls(f"the service answered HTTP {status}", status=status)
+
+
+class Client:
+    """`async with Client(server, identity) as c: await c.whoami()`."""
+
+    def __init__(
+        self,
+        server: str,
+        identity: Identity | None = None,
+        *,
+        timeout_s: float = 30.0,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self.server = server.rstrip("/")
+        self.identity = identity
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._session = session
+        self._own_session = session is None
+
+    async def __aenter__(self) -> Client:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._own_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        params: dict[str, str] | None = None,
+        signer: Identity | None = None,
+        signed: bool = True,
+    ) -> Any:
+        """Send one request (signed with `signer` or the client's identity); return parsed JSON."""
+        if self._session is None:
+            raise RuntimeError("use the client as `async with Client(...)`")
+        url = URL(self.server + path)
+        if params:
+            url = url.with_query({k: v for k, v in params.items() if v is not None})
+        body = b"" if json_body is None else json.dumps(json_body).encode()
+        headers = {"Content-Type": "application/json"} if json_body is not None else {}
+        identity = signer or self.identity
+        if signed:
+            if identity is None:
+                raise ValidationError("this request must be signed: give an identity (--identity)")
+            headers = sign_headers(identity, method=method, url=str(url), body=body, headers=headers)
+        try:
+            async with self._session.request(
+                method, url, data=body, headers=headers, allow_redirects=False
+            ) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise ServiceUnreachable(
+                f"cannot reach the service at {self.server}: {exc.__class__.__name__}"
+            ) from exc
+        try:
+            data = json.loads(raw) if raw else None
+        except ValueError:
+            data = None
+        if status >= 400:
+            raise _error_from_problem(status, data)
+        return data
+
+    # -- identity -------------------------------------------------------------------------------
+
+    async def whoami(self) -> dict[str, Any]:
+        return await self.request("GET", "/v1/whoami")  # type: ignore[no-any-return]
+
+    async def create_org(self, name: str) -> dict[str, Any]:
+        return await self.request("POST", "/v1/orgs", json_body={"name": name})  # type: ignore[no-any-return]
+
+    async def list_orgs(self) -> list[dict[str, Any]]:
+        return (await self.request("GET", "/v1/orgs"))["items"]  # type: ignore[no-any-return]
+
+    async def create_invite(self, *, role: str, org: str, expires_in_s: int | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"role": role, "org": org}
+        if expires_in_s is not None:
+            body["expires_in_s"] = expires_in_s
+        return await self.request("POST", "/v1/invites", json_body=body)  # type: ignore[no-any-return]
+
+    async def enroll(self, code: str, name: str, identity: Identity) -> dict[str, Any]:
+        public = identity.public.to_json()
+        body = {
+            "code": code,
+            "name": name,
+            "signing_public_key": public["signing_public_key"],
+            "age_recipient": public["age_recipient"],
+        }
+        return await self.request("POST", "/v1/enroll", json_body=body, signer=identity)  # type: ignore[no-any-return]
+
+    async def list_principals(
+        self, *, org: str | None = None, role: str | None = None
+    ) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        cursor: str | None = None
+        while True:
+            page = await self.request(
+                "GET",
+                "/v1/principals",
+                params={"org": org, "role": role, "cursor": cursor},  # type: ignore[dict-item]
+            )
+            items.extend(page["items"])
+            cursor = page["next_cursor"]
+            if not cursor:
+                return items
+
+    async def get_principal(self, name: str) -> dict[str, Any]:
+        return await self.request("GET", f"/v1/principals/{quote(name, safe='')}")  # type: ignore[no-any-return]
+
+    async def health(self) -> dict[str, Any]:
+        return await self.request("GET", "/readyz", signed=False)  # type: ignore[no-any-return]

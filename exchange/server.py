@@ -1,0 +1,88 @@
+"""Running the service: `serve` (the API on its settings) and `bootstrap` (the first admin).
+
+Both read settings once from the environment at this edge. `exchange serve` is the production
+entry point; `scripts/run` goes through `devstack`, which first starts a local SeaweedFS and then
+calls the same functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from .api.app import create_app, system_clock
+from .db import connect, migrate
+from .errors import ValidationError
+from .identity import Identity
+from .services.audit import SYSTEM, AuditLog, Context
+from .services.principals import bootstrap_admin, principal_json
+from .settings import Settings
+
+__all__ = ["bootstrap", "run_until_stopped", "serve"]
+
+log = logging.getLogger("exchange.server")
+
+
+async def bootstrap_with_settings(
+    settings: Settings, *, identity_path: Path, name: str, org_name: str
+) -> dict[str, Any]:
+    """Create the first admin from the identity at `identity_path` (made if missing)."""
+    identity = Identity.load(identity_path) if identity_path.exists() else Identity.generate()
+    db = await connect(settings.effective_database_url)
+    try:
+        await migrate(db)
+        principal = await bootstrap_admin(
+            db,
+            AuditLog(origin=settings.log_origin, clock=system_clock),
+            Context(actor=SYSTEM),
+            name=name,
+            org_name=org_name,
+            keys=identity.public,
+            now_ms=system_clock(),
+        )
+    finally:
+        await db.close()
+    identity.with_enrolment(name=name, server=settings.effective_public_url).save(
+        identity_path, overwrite=True
+    )
+    return principal_json(principal)
+
+
+async def bootstrap(
+    env: Mapping[str, str], *, identity_path: Path, name: str, org_name: str
+) -> dict[str, Any]:
+    return await bootstrap_with_settings(
+        Settings.from_mapping(env), identity_path=identity_path, name=name, org_name=org_name
+    )
+
+
+async def run_until_stopped(settings: Settings) -> None:
+    """Serve until SIGINT or SIGTERM; then close every resource the app opened."""
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        log.info("exchange API listening on %s", settings.effective_public_url)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def serve(env: Mapping[str, str]) -> None:
+    settings = Settings.from_mapping(env)
+    if not settings.s3_endpoint:
+        raise ValidationError("EXCHANGE_S3_ENDPOINT is not set (scripts/run starts a local store for you)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(run_until_stopped(settings))

@@ -1,0 +1,27 @@
+# Sourced by scripts/run and scripts/test: make .venv and install the project into it.
+# Installs again only when pyproject.toml changed since the last install, so later runs are quick.
+# pip's chatter goes to .venv/install.log and is shown only when the install fails.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$root/.venv"
+extras="${1:-}"
+py="${PYTHON:-python3}"
+if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "exchange needs Python 3.11 or newer (tried: $py; set PYTHON to another interpreter)" >&2
+  exit 1
+fi
+if [ ! -x "$venv/bin/python" ]; then
+  "$py" -m venv "$venv"
+fi
+stamp="$venv/.installed-$(sha256sum "$root/pyproject.toml" | cut -c1-16)${extras:+-$extras}"
+if [ ! -f "$stamp" ]; then
+  echo "installing exchange into .venv (details: .venv/install.log)..." >&2
+  if ! { "$venv/bin/python" -m pip install --upgrade pip \
+         && "$venv/bin/python" -m pip install -e "$root${extras:+[$extras]}"; } >"$venv/install.log" 2>&1; then
+    tail -n 30 "$venv/install.log" >&2
+    echo "install failed; the whole log is in .venv/install.log" >&2
+    exit 1
+  fi
+  rm -f "$venv"/.installed-*
+  touch "$stamp"
+fi

@@ -1,0 +1,195 @@
+"""Shared fixtures: a real SeaweedFS for the session, real SQLite and PostgreSQL per test.
+
+PostgreSQL: `EXCHANGE_TEST_POSTGRES_DSN` (default postgresql://postgres@127.0.0.1:5432/test).
+Each test gets a database of its own, created from template0 and dropped afterwards. When no
+server answers, PostgreSQL tests fail unless `EXCHANGE_TEST_SKIP_POSTGRES=1` says to skip them:
+in CI they never skip (.ci/run starts a server).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestServer
+
+from exchange.api.app import create_app
+from exchange.client import Client
+from exchange.db import Database, connect, migrate
+from exchange.identity import Identity
+from exchange.seaweed import S3Credentials, SeaweedFS
+from exchange.server import bootstrap_with_settings
+from exchange.settings import Settings
+
+POSTGRES_DSN = os.environ.get("EXCHANGE_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+BUCKET = "exchange-test"
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    """One SeaweedFS for the whole session, with credentials (unsigned requests are refused)."""
+    data = tmp_path_factory.mktemp("seaweed")
+    store = SeaweedFS(data, credentials=S3Credentials.generate())
+    store.start()
+    store.ensure_bucket(BUCKET)
+    yield store
+    store.stop()
+
+
+class PostgresDatabases:
+    """Creates and drops one throwaway database per test on the configured server."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+
+    async def create(self) -> str:
+        name = "exchange_t_" + secrets.token_hex(6)
+        try:
+            conn = await asyncpg.connect(self.dsn, timeout=5)
+        except (OSError, asyncpg.PostgresError) as exc:
+            if os.environ.get("EXCHANGE_TEST_SKIP_POSTGRES") == "1":
+                pytest.skip(f"PostgreSQL not available ({exc.__class__.__name__}) and skipping was asked for")
+            raise
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+        finally:
+            await conn.close()
+        base, _, _ = self.dsn.rpartition("/")
+        return f"{base}/{name}"
+
+    async def drop(self, url: str) -> None:
+        name = url.rpartition("/")[2]
+        conn = await asyncpg.connect(self.dsn, timeout=5)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A fresh, empty database URL: once SQLite, once PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'exchange.db'}"
+        return
+    pg = PostgresDatabases(POSTGRES_DSN)
+    url = await pg.create()
+    try:
+        yield url
+    finally:
+        await pg.drop(url)
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[Database]:
+    database = await connect(database_url)
+    await migrate(database)
+    yield database
+    await database.close()
+
+
+class FakeClock:
+    """Milliseconds since the epoch that move only when a test moves them."""
+
+    def __init__(self, start_ms: int | None = None) -> None:
+        import time
+
+        self.now_ms = start_ms if start_ms is not None else time.time_ns() // 1_000_000
+
+    def __call__(self) -> int:
+        return self.now_ms
+
+    def advance(self, seconds: float) -> None:
+        self.now_ms += int(seconds * 1000)
+
+
+def make_settings(tmp_path: Path, database_url: str, seaweed: SeaweedFS, **overrides: Any) -> Settings:
+    base = Settings(
+        home=tmp_path,
+        database_url=database_url,
+        s3_endpoint=seaweed.endpoint,
+        s3_bucket=BUCKET,
+        s3_access_key_id=seaweed.credentials.access_key_id,
+        s3_secret_access_key=seaweed.credentials.secret_access_key,
+    )
+    return base.replace(**overrides) if overrides else base
+
+
+class Stack:
+    """A running app on a real TCP port, its database, and helpers to act as principals."""
+
+    def __init__(self, server: TestServer, settings: Settings, admin: Identity, tmp_path: Path) -> None:
+        self.server = server
+        self.settings = settings
+        self.admin = admin
+        self.tmp_path = tmp_path
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+    @property
+    def app(self) -> Any:
+        return self.server.app
+
+    @property
+    def db(self) -> Database:
+        from exchange.api.keys import DB
+
+        return self.server.app[DB]  # type: ignore[no-any-return]
+
+    def client(self, identity: Identity | None = None) -> Client:
+        return Client(self.url, identity)
+
+    async def principal(self, name: str, role: str, org: str = "lab") -> Identity:
+        """Enrol a new principal through a real invite; return its identity."""
+        async with self.client(self.admin) as admin:
+            if org not in {o["name"] for o in await admin.list_orgs()}:
+                await admin.create_org(org)
+            invite = await admin.create_invite(role=role, org=org)
+        identity = Identity.generate()
+        async with self.client() as anon:
+            await anon.enroll(invite["code"], name, identity)
+        return identity
+
+    async def count(self, table: str) -> int:
+        assert table.isidentifier()
+        return int(await self.db.fetchval(f"SELECT COUNT(*) FROM {table}"))  # noqa: S608 - fixed names
+
+    async def events(self) -> list[dict[str, Any]]:
+        import json
+
+        rows = await self.db.fetchall("SELECT leaf FROM audit_events ORDER BY idx")
+        return [json.loads(bytes(r["leaf"])) for r in rows]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+async def start_stack(
+    tmp_path: Path, database_url: str, seaweed: SeaweedFS, clock: FakeClock, **overrides: Any
+) -> Stack:
+    """Bootstrap an admin, then serve an app on a free loopback port."""
+    settings = make_settings(tmp_path, database_url, seaweed, **overrides)
+    admin_path = tmp_path / "admin.identity"
+    if not admin_path.exists():
+        await bootstrap_with_settings(settings, identity_path=admin_path, name="admin", org_name="operators")
+    server = TestServer(create_app(settings, clock=clock), host="127.0.0.1")
+    await server.start_server()
+    return Stack(server, settings, Identity.load(admin_path), tmp_path)
+
+
+@pytest.fixture
+async def stack(
+    tmp_path: Path, database_url: str, seaweed: SeaweedFS, clock: FakeClock
+) -> AsyncIterator[Stack]:
+    s = await start_stack(tmp_path, database_url, seaweed, clock)
+    yield s
+    await s.server.close()
