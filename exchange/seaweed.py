@@ -612,8 +612,11 @@ def _write_private(path: Path, data: bytes, *, replace: bool) -> None:
 
 
 @atexit.register
-def _kill_leftovers() -> None:
-    # A test run that dies between start() and stop() must not leave weed holding ports.
+def _stop_leftovers() -> None:
+    # A run that ends between start() and stop() (or after kill() without stop()) must not leave
+    # weed holding ports, nor its socket directory behind. No grace period: the interpreter is
+    # exiting, and weed's data survives SIGKILL (see the kill-and-restart test).
     for instance in list(_live):
         with contextlib.suppress(Exception):
             instance.kill()
+            instance.stop()

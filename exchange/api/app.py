@@ -29,14 +29,29 @@ from .keys import AUDIT, CLOCK, DB, OPENAPI, SETTINGS, STORAGE, VALIDATORS
 from .openapi import build_document
 from .problems import from_exchange_error, from_http_exception, internal_error, problem_response
 from .routing import BODY, CTX, PRINCIPAL, ROUTE, Handler, Route
-from .schemas import components
+from .schemas import Schema
 from .validation import BodyValidator, parse_json_object
 
 __all__ = ["ROUTES", "create_app"]
 
 log = logging.getLogger("exchange.api")
 
-ROUTES: list[Route] = [*health.ROUTES, *principals.ROUTES]
+#: The API, by subject. Each module has ROUTES and schemas(settings); adding one here is all it takes.
+MODULES = (health, principals)
+ROUTES: list[Route] = [route for module in MODULES for route in module.ROUTES]
+
+
+def components(settings: Settings) -> dict[str, Schema]:
+    """Every module's schemas, by name; a name defined twice is a bug caught at start-up."""
+    merged: dict[str, Schema] = {}
+    for module in MODULES:
+        for name, schema in module.schemas(settings).items():
+            if name in merged:
+                raise RuntimeError(f"schema {name} is defined twice")
+            merged[name] = schema
+    return merged
+
+
 _ROUTE_BY_HANDLER = web.AppKey("route_by_resource", dict[tuple[str, str], Route])
 #: User agents and request ids from clients are cut to this length before they are recorded.
 _MAX_HEADER_ECHO = 256
@@ -179,7 +194,7 @@ def create_app(settings: Settings, *, clock: Callable[[], int] = system_clock) -
     app[AUDIT] = AuditLog(origin=settings.log_origin, clock=clock)
     schemas = components(settings)
     app[VALIDATORS] = {r.body: BodyValidator(schemas[r.body]) for r in ROUTES if r.body}
-    app[OPENAPI] = build_document(ROUTES, settings)
+    app[OPENAPI] = build_document(ROUTES, schemas, settings)
     by_resource: dict[tuple[str, str], Route] = {}
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)

@@ -7,11 +7,13 @@ import asyncio
 from aiohttp import web
 
 from ..errors import ExchangeError
+from ..settings import Settings
 from .keys import DB, OPENAPI, SETTINGS, STORAGE
 from .problems import problem_body, problem_response
 from .routing import CTX, Route
+from .schemas import Schema, common_schemas
 
-__all__ = ["ROUTES"]
+__all__ = ["ROUTES", "schemas"]
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -78,3 +80,7 @@ ROUTES = [
     ),
     Route("GET", "/openapi.json", openapi, "openapi", "This API's OpenAPI 3.1 document", "meta", auth="none"),
 ]
+
+
+def schemas(settings: Settings) -> dict[str, Schema]:
+    return common_schemas(settings)

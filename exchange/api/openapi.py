@@ -8,7 +8,7 @@ from typing import Any
 from .. import __version__
 from ..settings import Settings
 from .routing import Route
-from .schemas import components
+from .schemas import Schema
 
 __all__ = ["build_document"]
 
@@ -51,7 +51,7 @@ def _operation(route: Route) -> dict[str, Any]:
     return op
 
 
-def build_document(routes: Sequence[Route], settings: Settings) -> dict[str, Any]:
+def build_document(routes: Sequence[Route], schemas: dict[str, Schema], settings: Settings) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
         paths.setdefault(route.path, {})[route.method.lower()] = _operation(route)
@@ -70,7 +70,7 @@ def build_document(routes: Sequence[Route], settings: Settings) -> dict[str, Any
         "servers": [{"url": settings.effective_public_url}],
         "paths": paths,
         "components": {
-            "schemas": components(settings),
+            "schemas": schemas,
             "securitySchemes": {
                 "httpMessageSignature": {
                     "type": "apiKey",

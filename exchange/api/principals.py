@@ -10,11 +10,13 @@ from ..errors import AgeError, BadSignature, UnknownKey, ValidationError
 from ..format import age
 from ..identity import PublicKeys
 from ..services import principals as svc
+from ..settings import Settings
 from .auth import authenticate_with_key
 from .keys import AUDIT, CLOCK, DB, SETTINGS
 from .routing import BODY, CTX, PRINCIPAL, Route, path_param, query_param
+from .schemas import INT, STR, Schema, name_schema, obj
 
-__all__ = ["ROUTES"]
+__all__ = ["ROUTES", "schemas"]
 
 
 async def whoami(request: web.Request) -> web.Response:
@@ -204,3 +206,77 @@ ROUTES = [
         errors=(404,),
     ),
 ]
+
+
+def schemas(settings: Settings) -> dict[str, Schema]:
+    name = name_schema(settings)
+    role = {"type": "string", "enum": list(svc.ROLES)}
+    principal = obj(
+        {
+            "id": STR,
+            "name": STR,
+            "org": STR,
+            "role": role,
+            "status": {"type": "string", "enum": ["active", "disabled"]},
+            "key_id": STR,
+            "signing_public_key": {"type": "string", "description": "Ed25519 public key, base64"},
+            "age_recipient": {"type": "string", "description": "X25519 age recipient, age1…"},
+            "created_at_ms": INT,
+        },
+        ["id", "name", "org", "role", "status", "key_id", "signing_public_key", "age_recipient"],
+    )
+    org = obj({"id": STR, "name": STR, "created_at_ms": INT}, ["id", "name", "created_at_ms"])
+    return {
+        "Principal": principal,
+        "PrincipalList": obj(
+            {"items": {"type": "array", "items": principal}, "next_cursor": {"type": ["string", "null"]}},
+            ["items", "next_cursor"],
+        ),
+        "Org": org,
+        "OrgList": obj({"items": {"type": "array", "items": org}}, ["items"]),
+        "OrgCreate": obj({"name": name}, ["name"]),
+        "InviteCreate": obj(
+            {
+                "role": role,
+                "org": name,
+                "expires_in_s": {
+                    "type": "integer",
+                    "minimum": 60,
+                    "maximum": settings.invite_max_lifetime_s,
+                    "description": f"lifetime in seconds (default {settings.invite_default_lifetime_s})",
+                },
+            },
+            ["role", "org"],
+        ),
+        "Invite": obj(
+            {
+                "id": STR,
+                "code": {"type": "string", "description": "one-time code; shown once, stored hashed"},
+                "role": role,
+                "org": STR,
+                "expires_at_ms": INT,
+            },
+            ["id", "code", "role", "org", "expires_at_ms"],
+        ),
+        "Enroll": obj(
+            {
+                "code": {"type": "string", "minLength": 1, "maxLength": 128},
+                "name": name,
+                "signing_public_key": {
+                    "type": "string",
+                    "minLength": 44,
+                    "maxLength": 44,
+                    "pattern": r"^[A-Za-z0-9+/]{43}=$",
+                    "x-pattern-hint": "an Ed25519 public key in base64 (32 bytes)",
+                },
+                "age_recipient": {
+                    "type": "string",
+                    "minLength": 10,
+                    "maxLength": 100,
+                    "pattern": r"^age1[02-9ac-hj-np-z]+$",
+                    "x-pattern-hint": "an age X25519 recipient (age1…)",
+                },
+            },
+            ["code", "name", "signing_public_key", "age_recipient"],
+        ),
+    }

@@ -31,7 +31,7 @@ class Route:
     summary: str
     tag: str
     auth: Literal["signature", "none", "self"] = "signature"
-    #: Name of the request body's schema in schemas.components(), if it takes a JSON body.
+    #: Name of the request body's schema (from its module's schemas()), if it takes a JSON body.
     body: str | None = None
     #: Name of the success response's schema, and its status.
     response: str | None = None

@@ -1,0 +1,1 @@
+-- Artifacts, their files and multipart uploads (issue: encrypted artifacts). Filled in by that work.

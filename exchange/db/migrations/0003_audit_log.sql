@@ -1,0 +1,1 @@
+-- The audit log's Merkle tree and checkpoints (issue: transparency log). Filled in by that work.
