@@ -13,7 +13,12 @@ fi
 if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv"
 fi
-stamp="$venv/.installed-$(sha256sum "$root/pyproject.toml" | cut -c1-16)${extras:+-$extras}"
+hash="$(sha256sum "$root/pyproject.toml" | cut -c1-16)"
+stamp="$venv/.installed-$hash${extras:+-$extras}"
+# An install with extras also satisfies a run that needs none.
+if [ -z "$extras" ] && compgen -G "$venv/.installed-$hash*" >/dev/null; then
+  stamp="$(compgen -G "$venv/.installed-$hash*" | head -n 1)"
+fi
 if [ ! -f "$stamp" ]; then
   echo "installing exchange into .venv (details: .venv/install.log)..." >&2
   if ! { "$venv/bin/python" -m pip install --upgrade pip \

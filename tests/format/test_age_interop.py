@@ -16,9 +16,10 @@ import pytest
 
 from exchange.errors import AgeNoIdentityMatch, AgePayloadError
 from exchange.format import age
+from tests.conftest import requires_age
 
 AGE = shutil.which("age")
-pytestmark = pytest.mark.skipif(AGE is None, reason="the age binary is not installed (apt-get install age)")
+pytestmark = requires_age
 
 SIZES = [0, 65536, 200000]
 

@@ -1,0 +1,176 @@
+"""The CLI end to end, as a person runs it: `exchange init`, `exchange serve`, and the client
+commands as separate processes against the real service, with their exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from exchange.seaweed import SeaweedFS
+from tests.conftest import BUCKET
+
+EXCHANGE = [sys.executable, "-m", "exchange.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Served:
+    url: str
+    env: dict[str, str]
+    admin: Path
+    home: Path
+
+    def run(
+        self, *args: str, identity: Path | None = None, server: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        cmd = [*EXCHANGE]
+        if server:
+            cmd += ["--server", self.url]
+        if identity is not None:
+            cmd += ["--identity", str(identity)]
+        env = {k: v for k, v in self.env.items() if not k.startswith("EXCHANGE_")} | {"HOME": str(self.home)}
+        return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=60, check=False)
+
+
+@pytest.fixture(scope="module")
+def served(seaweed: SeaweedFS, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    home = tmp_path_factory.mktemp("cli")
+    port = free_port()
+    env = os.environ | {
+        "EXCHANGE_HOME": str(home),
+        "EXCHANGE_PORT": str(port),
+        "EXCHANGE_S3_ENDPOINT": seaweed.endpoint,
+        "EXCHANGE_S3_BUCKET": BUCKET,
+        "EXCHANGE_S3_ACCESS_KEY_ID": seaweed.credentials.access_key_id,
+        "EXCHANGE_S3_SECRET_ACCESS_KEY": seaweed.credentials.secret_access_key,
+    }
+    admin = home / "admin.identity"
+    init = subprocess.run(
+        [*EXCHANGE, "--identity", str(admin), "init"], env=env, capture_output=True, text=True, check=False
+    )
+    assert init.returncode == 0, init.stderr
+    log = (home / "serve.log").open("w")
+    proc = subprocess.Popen([*EXCHANGE, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=1):  # noqa: S310 - loopback
+                break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError((home / "serve.log").read_text()) from None
+            time.sleep(0.1)
+    yield Served(url=url, env=env, admin=admin, home=home)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0
+    log.close()
+
+
+def test_init_refuses_a_second_admin(served: Served) -> None:
+    again = subprocess.run(
+        [*EXCHANGE, "--identity", str(served.home / "other.identity"), "init"],
+        env=served.env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert again.returncode == 6, again.stderr
+    assert "already has principals" in again.stderr
+
+
+def test_the_whole_enrolment_story(served: Served) -> None:
+    admin = served.admin
+    assert served.run("whoami", identity=admin).stdout.startswith("admin (admin, org operators)")
+    assert served.run("org", "create", "lab", identity=admin).returncode == 0
+    inv = served.run(
+        "--json", "invite", "--role", "tester", "--org", "lab", "--expires", "1h", identity=admin
+    )
+    assert inv.returncode == 0, inv.stderr
+    code = json.loads(inv.stdout)["code"]
+
+    tester = served.home / "tester" / "identity.json"
+    keygen = served.run("keygen", identity=tester, server=False)
+    assert keygen.returncode == 0 and "age recipient:  age1" in keygen.stdout
+    assert oct(tester.stat().st_mode & 0o777) == "0o600"
+    assert served.run("keygen", identity=tester, server=False).returncode == 2  # refuses to overwrite
+
+    enrolled = served.run("enroll", code, "--name", "alice", identity=tester)
+    assert enrolled.returncode == 0, enrolled.stderr
+    assert "enrolled alice as tester of lab" in enrolled.stdout
+    # The identity file now remembers the server: no --server needed.
+    me = served.run("--json", "whoami", identity=tester, server=False)
+    assert me.returncode == 0, me.stderr
+    assert json.loads(me.stdout)["name"] == "alice"
+
+    listed = served.run("--json", "principals", "ls", "--org", "lab", identity=tester)
+    assert [p["name"] for p in json.loads(listed.stdout)] == ["alice"]
+    secret = served.run("identity", "--age-secret", identity=tester, server=False)
+    assert secret.stdout.splitlines()[-1].startswith("AGE-SECRET-KEY-1")
+
+    # Exit codes say what happened.
+    denied = served.run("invite", "--role", "admin", "--org", "lab", identity=tester)
+    assert denied.returncode == 4 and "role" in denied.stderr
+    reused = served.run("enroll", code, "--name", "mallory", identity=served.home / "m.json")
+    assert reused.returncode == 4 and "already been used" in reused.stderr
+    assert served.run("org", "create", "lab", identity=admin).returncode == 6
+    assert served.run("principals", "show", "nobody", identity=admin).returncode == 5
+    stranger = served.home / "stranger.json"
+    assert served.run("keygen", identity=stranger, server=False).returncode == 0
+    unknown = served.run("whoami", identity=stranger)
+    assert unknown.returncode == 3 and "unknown-key" in unknown.stderr
+
+
+def test_usage_errors_exit_2(served: Served) -> None:
+    bad = served.run("invite", "--role", "tester", "--org", "lab", "--expires", "soon", identity=served.admin)
+    assert bad.returncode == 2 and "90s" in bad.stderr
+    missing = served.run("whoami", identity=served.home / "absent.json")
+    assert missing.returncode == 2 and "exchange keygen" in missing.stderr
+    fresh = served.home / "fresh.json"
+    assert served.run("keygen", identity=fresh, server=False).returncode == 0
+    no_server = served.run("whoami", identity=fresh, server=False)
+    assert no_server.returncode == 2 and "--server" in no_server.stderr
+
+
+def test_unreachable_service_exits_7(served: Served) -> None:
+    cmd = [
+        *EXCHANGE,
+        "--server",
+        f"http://127.0.0.1:{free_port()}",
+        "--identity",
+        str(served.admin),
+        "whoami",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=served.env, check=False)
+    assert result.returncode == 7 and "cannot reach" in result.stderr
+
+
+def test_json_errors_are_json(served: Served) -> None:
+    result = served.run("--json", "principals", "show", "nobody", identity=served.admin)
+    assert result.returncode == 5
+    error = json.loads(result.stderr)["error"]
+    assert error["code"] == "not-found" and "nobody" in error["detail"]
+
+
+def test_help_teaches(served: Served) -> None:
+    text = served.run("--help", server=False).stdout
+    for word in ("keygen", "enroll", "whoami", "Exit codes", "EXCHANGE_SERVER"):
+        assert word in text
+    assert "90s, 15m, 24h, 7d" in served.run("invite", "--help", server=False).stdout
