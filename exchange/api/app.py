@@ -70,14 +70,15 @@ def _request_context(request: web.Request) -> Context:
     return Context(ip=request.remote, user_agent=ua[:_MAX_HEADER_ECHO] if ua else None, request_id=supplied)
 
 
-async def _record_refusal(request: web.Request, route: Route | None, exc: ExchangeError, status: int) -> None:
-    """A refused request changes nothing but the log: one event, in a transaction of its own."""
+async def _record_refusal(request: web.Request, route: Route | None, code: str, status: int) -> None:
+    """A refused request changes nothing but the log: one event, in a transaction of its own.
+
+    The event names the route's template, never the path as sent: paths may carry capabilities.
+    """
     app = request.app
     ctx = request[CTX]
     outcome: Outcome = "error" if status >= 500 else "denied"
-    details = {"method": request.method, "route": route.path if route else None, "status": status}
-    if exc.extra.get("key_id"):
-        details["claimed_key_id"] = str(exc.extra["key_id"])
+    details = {"method": request.method[:16], "route": route.path if route else None, "status": status}
     try:
         async with app[DB].transaction() as conn:
             await app[AUDIT].append(
@@ -85,13 +86,11 @@ async def _record_refusal(request: web.Request, route: Route | None, exc: Exchan
                 ctx,
                 action=route.audit_action if route else "http.request",
                 outcome=outcome,
-                reason=exc.code,
+                reason=code,
                 details=details,
             )
     except DependencyError:
-        log.warning(
-            "could not record refusal %s of request %s: database unavailable", exc.code, ctx.request_id
-        )
+        log.warning("could not record refusal %s of request %s: database unavailable", code, ctx.request_id)
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
@@ -131,12 +130,14 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
                 request[BODY] = parsed
             response = await handler(request)
     except ExchangeError as exc:
-        await _record_refusal(request, route, exc, exc.status)
+        await _record_refusal(request, route, exc.code, exc.status)
         response = problem_response(from_exchange_error(exc, ctx.request_id))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        response = problem_response(from_http_exception(exc, ctx.request_id))
+        body = from_http_exception(exc, ctx.request_id)
+        await _record_refusal(request, route, body["code"], exc.status)
+        response = problem_response(body)
     except (asyncio.CancelledError, KeyboardInterrupt):
         raise
     except Exception:

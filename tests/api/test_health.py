@@ -70,6 +70,9 @@ async def test_router_refusals_are_problems(
         assert resp.content_type == "application/problem+json"
         body = json.loads(await resp.read())
     assert body["code"] == code and body["status"] == status and body["request_id"]
+    last = (await stack.events())[-1]
+    assert last["action"] == "http.request" and last["outcome"] == {"result": "denied", "reason": code}
+    assert last["details"] == {"method": method, "status": status}
 
 
 async def test_unexpected_errors_are_a_bare_500(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
