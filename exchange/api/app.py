@@ -135,9 +135,9 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        body = from_http_exception(exc, ctx.request_id)
-        await _record_refusal(request, route, body["code"], exc.status)
-        response = problem_response(body)
+        problem = from_http_exception(exc, ctx.request_id)
+        await _record_refusal(request, route, problem["code"], exc.status)
+        response = problem_response(problem)
     except (asyncio.CancelledError, KeyboardInterrupt):
         raise
     except Exception:
