@@ -4,84 +4,9 @@ commands as separate processes against the real service, with their exit codes."
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
-import pytest
-
-from exchange.seaweed import SeaweedFS
-from tests.conftest import BUCKET
-
-EXCHANGE = [sys.executable, "-m", "exchange.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Served:
-    url: str
-    env: dict[str, str]
-    admin: Path
-    home: Path
-
-    def run(
-        self, *args: str, identity: Path | None = None, server: bool = True
-    ) -> subprocess.CompletedProcess[str]:
-        cmd = [*EXCHANGE]
-        if server:
-            cmd += ["--server", self.url]
-        if identity is not None:
-            cmd += ["--identity", str(identity)]
-        env = {k: v for k, v in self.env.items() if not k.startswith("EXCHANGE_")} | {"HOME": str(self.home)}
-        return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=60, check=False)
-
-
-@pytest.fixture(scope="module")
-def served(seaweed: SeaweedFS, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    home = tmp_path_factory.mktemp("cli")
-    port = free_port()
-    env = os.environ | {
-        "EXCHANGE_HOME": str(home),
-        "EXCHANGE_PORT": str(port),
-        "EXCHANGE_S3_ENDPOINT": seaweed.endpoint,
-        "EXCHANGE_S3_BUCKET": BUCKET,
-        "EXCHANGE_S3_ACCESS_KEY_ID": seaweed.credentials.access_key_id,
-        "EXCHANGE_S3_SECRET_ACCESS_KEY": seaweed.credentials.secret_access_key,
-    }
-    admin = home / "admin.identity"
-    init = subprocess.run(
-        [*EXCHANGE, "--identity", str(admin), "init"], env=env, capture_output=True, text=True, check=False
-    )
-    assert init.returncode == 0, init.stderr
-    log = (home / "serve.log").open("w")
-    proc = subprocess.Popen([*EXCHANGE, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=1):  # noqa: S310 - loopback
-                break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError((home / "serve.log").read_text()) from None
-            time.sleep(0.1)
-    yield Served(url=url, env=env, admin=admin, home=home)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=15) == 0
-    log.close()
+from tests.conftest import EXCHANGE, Served, free_port
 
 
 def test_init_refuses_a_second_admin(served: Served) -> None:

@@ -137,7 +137,9 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
             raise
         problem = from_http_exception(exc, ctx.request_id)
         await _record_refusal(request, route, problem["code"], exc.status)
-        response = problem_response(problem)
+        # Keep what the refusal must carry (RFC 9110: a 405 lists the allowed methods in Allow).
+        kept = {k: v for k, v in exc.headers.items() if k in ("Allow",)}
+        response = problem_response(problem, headers=kept)
     except (asyncio.CancelledError, KeyboardInterrupt):
         raise
     except Exception:

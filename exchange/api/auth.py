@@ -43,6 +43,7 @@ from ..errors import (
     ClockSkew,
     Conflict,
     DigestMismatch,
+    InputError,
     MissingSignature,
     ReplayedNonce,
     UnknownKey,
@@ -183,7 +184,10 @@ def signed_url(request: web.Request, public_url: str) -> str:
     """The target URI the client signed: the configured public URL when set (behind a proxy)."""
     if public_url:
         return public_url.rstrip("/") + str(request.rel_url)
-    return str(request.url)
+    try:
+        return str(request.url)  # built from the Host header, which the client chose
+    except ValueError as exc:
+        raise InputError("the Host header is not a valid host", code="bad-host") from exc
 
 
 async def _verify(

@@ -271,9 +271,10 @@ def schemas(settings: Settings) -> dict[str, Schema]:
                 },
                 "age_recipient": {
                     "type": "string",
-                    "minLength": 10,
-                    "maxLength": 100,
-                    "pattern": r"^age1[02-9ac-hj-np-z]+$",
+                    "format": "age-recipient",
+                    "minLength": 62,
+                    "maxLength": 62,
+                    "pattern": r"^age1[02-9ac-hj-np-z]{58}$",
                     "x-pattern-hint": "an age X25519 recipient (age1…)",
                 },
             },

@@ -68,6 +68,8 @@ async def test_router_refusals_are_problems(
     async with aiohttp.ClientSession() as session, session.request(method, stack.url + path) as resp:
         assert resp.status == status
         assert resp.content_type == "application/problem+json"
+        if status == 405:
+            assert resp.headers["Allow"] == "GET"  # RFC 9110
         body = json.loads(await resp.read())
     assert body["code"] == code and body["status"] == status and body["request_id"]
     last = (await stack.events())[-1]
