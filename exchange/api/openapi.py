@@ -40,7 +40,11 @@ def _operation(route: Route) -> dict[str, Any]:
     if route.response:
         ok["content"] = {"application/json": {"schema": {"$ref": f"#/components/schemas/{route.response}"}}}
     responses: dict[str, Any] = {str(route.status): ok}
-    statuses = set(route.errors) | ({400, 413, 415} if route.body else set())
+    statuses = (
+        set(route.errors)
+        | ({400, 413, 415} if route.body else set())
+        | ({400} if route.parameters else set())
+    )
     if route.auth != "none":
         statuses.add(401)
     for status in sorted(statuses):
