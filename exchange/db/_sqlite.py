@@ -9,6 +9,7 @@ never wait for the writer.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -37,7 +38,19 @@ async def _guard(call: Awaitable[T]) -> T:
         raise Conflict("the change conflicts with an existing record") from exc
     except (sqlite3.Error, OSError, ValueError) as exc:
         # ValueError: aiosqlite on a closed connection.
-        raise DatabaseUnavailable(f"SQLite error: {exc.__class__.__name__}") from exc
+        raise DatabaseUnavailable(_describe(exc)) from exc
+
+
+def _describe(exc: BaseException) -> str:
+    """A sentence for the operator; SQLite's own messages name no paths or values."""
+    text = str(exc).lower()
+    if "full" in text or getattr(exc, "errno", None) == 28:
+        return "the database's disk is full; nothing was written (free space, then retry)"
+    if "readonly" in text or "read-only" in text:
+        return "the database is read-only; nothing was written"
+    if "locked" in text or "busy" in text:
+        return "the database is busy; nothing was written (retry)"
+    return f"the database failed ({exc.__class__.__name__}); nothing was written"
 
 
 class _SQLiteConnection(Connection):
@@ -75,7 +88,11 @@ class SQLiteDatabase(Database):
     @classmethod
     async def open(cls, path: str) -> SQLiteDatabase:
         if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(path).parent
+            folder.mkdir(parents=True, exist_ok=True)
+            # WAL needs to write beside the database even to read it: say so plainly.
+            if not os.access(folder, os.W_OK):
+                raise DatabaseUnavailable(f"the database folder {folder} is read-only")
 
         async def one(setup: Callable[[aiosqlite.Connection], Awaitable[None]]) -> aiosqlite.Connection:
             conn = await _guard(aiosqlite.connect(path, isolation_level=None))
