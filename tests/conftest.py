@@ -240,37 +240,71 @@ class Served:
         return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=60, check=False)
 
 
-@pytest.fixture(scope="module")
-def served(seaweed: SeaweedFS, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    home = tmp_path_factory.mktemp("cli")
-    port = free_port()
-    env = os.environ | {
+def service_env(home: Path, port: int, seaweed: SeaweedFS, **extra: str) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_")}
+    return base | {
         "EXCHANGE_HOME": str(home),
         "EXCHANGE_PORT": str(port),
         "EXCHANGE_S3_ENDPOINT": seaweed.endpoint,
         "EXCHANGE_S3_BUCKET": BUCKET,
         "EXCHANGE_S3_ACCESS_KEY_ID": seaweed.credentials.access_key_id,
         "EXCHANGE_S3_SECRET_ACCESS_KEY": seaweed.credentials.secret_access_key,
+        **extra,
     }
+
+
+class ServiceProcess:
+    """`exchange serve` as its own OS process, to stop, or kill, for real."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.home = Path(env["EXCHANGE_HOME"])
+        self.url = f"http://127.0.0.1:{env['EXCHANGE_PORT']}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def init_admin(self, identity: Path) -> None:
+        init = subprocess.run(
+            [*EXCHANGE, "--identity", str(identity), "init"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert init.returncode == 0, init.stderr
+
+    def start(self, timeout: float = 30) -> None:
+        with (self.home / "serve.log").open("a") as log:
+            self.proc = subprocess.Popen(
+                [*EXCHANGE, "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=1):  # noqa: S310 - loopback
+                    return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.proc.kill()
+                    raise RuntimeError((self.home / "serve.log").read_text()) from None
+                time.sleep(0.05)
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=15)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def served(seaweed: SeaweedFS, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    home = tmp_path_factory.mktemp("cli")
+    service = ServiceProcess(service_env(home, free_port(), seaweed))
     admin = home / "admin.identity"
-    init = subprocess.run(
-        [*EXCHANGE, "--identity", str(admin), "init"], env=env, capture_output=True, text=True, check=False
-    )
-    assert init.returncode == 0, init.stderr
-    log = (home / "serve.log").open("w")
-    proc = subprocess.Popen([*EXCHANGE, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=1):  # noqa: S310 - loopback
-                break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError((home / "serve.log").read_text()) from None
-            time.sleep(0.1)
-    yield Served(url=url, env=env, admin=admin, home=home)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=15) == 0
-    log.close()
+    service.init_admin(admin)
+    service.start()
+    yield Served(url=service.url, env=service.env, admin=admin, home=home)
+    assert service.stop() == 0
