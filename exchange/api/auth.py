@@ -159,22 +159,20 @@ async def verify_request(
     except HTTPMessageSignaturesException as exc:
         raise DigestMismatch("the body does not match its Content-Digest header") from exc
 
-    async with db.transaction() as conn:
-        try:
-            await conn.execute(
-                "INSERT INTO seen_nonces (key_id, nonce, expires_at_ms) VALUES ($1, $2, $3)",
-                key_id,
-                nonce,
-                created * 1000 + 2 * max_skew_s * 1000,
-            )
-        except Conflict as exc:
-            raise ReplayedNonce("this signature's nonce was already used; sign every request anew") from exc
+    try:
+        await db.execute(
+            "INSERT INTO seen_nonces (key_id, nonce, expires_at_ms) VALUES ($1, $2, $3)",
+            key_id,
+            nonce,
+            created * 1000 + 2 * max_skew_s * 1000,
+        )
+    except Conflict as exc:
+        raise ReplayedNonce("this signature's nonce was already used; sign every request anew") from exc
     return SignedRequest(key_id=key_id, created=created, nonce=nonce)
 
 
 async def purge_nonces(db: Database, now_ms: int) -> int:
-    async with db.transaction() as conn:
-        return await conn.execute("DELETE FROM seen_nonces WHERE expires_at_ms < $1", now_ms)
+    return await db.execute("DELETE FROM seen_nonces WHERE expires_at_ms < $1", now_ms)
 
 
 # -- aiohttp glue ---------------------------------------------------------------------------------

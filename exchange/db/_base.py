@@ -40,6 +40,10 @@ class Database(abc.ABC):
         """A connection for reads; may run beside writes."""
 
     @abc.abstractmethod
+    async def execute(self, sql: str, *args: Any) -> int:
+        """One write statement as its own transaction (one round trip); rows changed."""
+
+    @abc.abstractmethod
     async def close(self) -> None: ...
 
     async def ping(self) -> None:

@@ -70,6 +70,10 @@ class PostgresDatabase(Database):
                 raise
             await _guard(tx.commit())
 
+    async def execute(self, sql: str, *args: Any) -> int:
+        async with self._acquire() as conn:
+            return await _PostgresConnection(conn).execute(sql, *args)
+
     @asynccontextmanager
     async def read(self) -> AsyncIterator[Connection]:
         async with self._acquire() as conn:

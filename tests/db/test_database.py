@@ -154,3 +154,14 @@ async def test_sqlite_pragmas(tmp_path: object) -> None:
             assert await conn.fetchval("PRAGMA foreign_keys") == 1
     finally:
         await db.close()
+
+
+async def test_execute_is_a_transaction_of_its_own(db: Database) -> None:
+    assert (
+        await db.execute("INSERT INTO orgs (id, name, created_at_ms) VALUES ($1, $2, $3)", "o1", "a", NOW)
+        == 1
+    )
+    with pytest.raises(Conflict):
+        await db.execute("INSERT INTO orgs (id, name, created_at_ms) VALUES ($1, $2, $3)", "o2", "a", NOW)
+    assert await db.execute("UPDATE orgs SET name = $1 WHERE id = $2", "b", "o1") == 1
+    assert [r["name"] for r in await db.fetchall("SELECT name FROM orgs")] == ["b"]
