@@ -18,7 +18,6 @@ import os
 import signal
 import socket
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -177,7 +176,10 @@ async def run(args: argparse.Namespace, work: Path) -> None:
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/healthz", server)
         ceiling_port = free_port()
-        code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import _bench_api; _bench_api.ceiling_app({ceiling_port})"
+        code = (
+            f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            f"import _bench_api; _bench_api.ceiling_app({ceiling_port})"
+        )
         ceiling_proc = subprocess.Popen([sys.executable, "-c", code])
         procs.append(ceiling_proc)
         wait_http(f"http://127.0.0.1:{ceiling_port}/", ceiling_proc)
@@ -187,9 +189,7 @@ async def run(args: argparse.Namespace, work: Path) -> None:
             await signed_request(admin, "POST", url + "/v1/orgs", {"name": "bench"})(s)
 
         db = work / "exchange.db"
-        print(
-            f"{args.concurrency} concurrent clients, {args.duration:.0f} s per scenario, SQLite (synchronous=FULL)"
-        )
+        print(f"{args.concurrency} clients, {args.duration:.0f} s per scenario, SQLite (synchronous=FULL)")
         print(f"{'scenario':<28} {'req/s':>9} {'ratio':>7} {'p50 ms':>8} {'p99 ms':>8}   statuses")
         scenarios: list[tuple[str, Request, bool]] = [
             ("bare aiohttp (ceiling)", plain_get(f"http://127.0.0.1:{ceiling_port}/"), False),
