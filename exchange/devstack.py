@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from .errors import ExchangeError
 from .seaweed import S3Credentials, SeaweedFS, SeaweedStartError
 from .server import bootstrap_with_settings, run_until_stopped
+from .services.auditlog import load_or_create_signer
 from .settings import Settings
 
 __all__ = ["main"]
@@ -52,11 +53,15 @@ async def _run(settings: Settings) -> None:
                 settings, identity_path=admin_path, name="admin", org_name="operators"
             )
             print(f"created the first admin: {admin_path}", flush=True)
+        # Auditors pin the log's key out of band: this output is one such band.
+        signer = load_or_create_signer(settings.effective_log_signing_key_file, settings.log_origin)
         print(
             "\nexchange is running. In another shell:\n\n"
             f"  export EXCHANGE_SERVER={shlex.quote(settings.effective_public_url)}"
             f" EXCHANGE_IDENTITY={shlex.quote(str(admin_path))}\n"
             "  .venv/bin/exchange whoami\n\n"
+            "audit log verifier key (auditors pin it: exchange audit verify --vkey KEY):\n"
+            f"  {signer.verifier_key()}\n\n"
             f"storage: SeaweedFS S3 at {store.endpoint} (data in {home / 'storage'})\n"
             "Ctrl-C stops the service and the storage.\n",
             flush=True,

@@ -8,12 +8,15 @@ ExchangeError
 │   ├── UnsupportedMediaType      a body that is not JSON where JSON is required (415)
 │   ├── NotFound                  no such thing, or not visible to the caller (404)
 │   ├── Conflict                  the thing exists, or its state forbids the change (409)
+│   ├── LocalFileError            a local file cannot be read or written (disk full, unsafe path)
 │   └── FormatError               bytes that do not parse as the format they claim to be
 │       ├── AgeError                the age file format
 │       │   ├── AgeHeaderError        malformed or non-canonical header
 │       │   ├── AgeNoIdentityMatch    no stanza opens with the given identity
 │       │   ├── AgeHeaderMacError     the header MAC does not verify
 │       │   └── AgePayloadError       payload truncated, tampered or malformed
+│       ├── ManifestError           an artifact manifest that does not parse or whose signature fails
+│       ├── IntegrityError          downloaded or stored bytes that do not match the signed manifest
 │       ├── NoteError               a signed note or checkpoint that does not parse or verify
 │       └── ProofError              a Merkle inclusion or consistency proof that does not verify
 ├── AuthError                   the request is not authenticated (401)
@@ -57,6 +60,9 @@ __all__ = [
     "ExchangeError",
     "FormatError",
     "InputError",
+    "IntegrityError",
+    "LocalFileError",
+    "ManifestError",
     "MissingSignature",
     "NotFound",
     "NoteError",
@@ -125,6 +131,13 @@ class Conflict(InputError):
     title = "Conflict"
 
 
+class LocalFileError(InputError):
+    """Client side only: a local path is unsafe, unreadable or unwritable (e.g. the disk is full)."""
+
+    code = "local-file"
+    title = "Local file error"
+
+
 class FormatError(InputError):
     code = "bad-format"
     title = "Malformed data"
@@ -153,6 +166,16 @@ class AgeHeaderMacError(AgeError):
 class AgePayloadError(AgeError):
     code = "age-payload"
     title = "Invalid age payload"
+
+
+class ManifestError(FormatError):
+    code = "bad-manifest"
+    title = "Invalid artifact manifest"
+
+
+class IntegrityError(FormatError):
+    code = "integrity"
+    title = "Data does not match its manifest"
 
 
 class NoteError(FormatError):

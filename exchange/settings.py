@@ -75,6 +75,50 @@ class Settings:
     page_size_default: int = 100
     page_size_max: int = 1000
 
+    #: File holding the audit log's Ed25519 checkpoint signing key (mode 0600, made on first start;
+    #: every replica must share it). Default: HOME/log-signing.key.
+    log_signing_key_file: str = ""
+    #: How often the service checks whether the log grew and, if so, publishes a checkpoint.
+    audit_checkpoint_interval_s: float = 1.0
+    #: After this long without an event, the log appends an `audit.heartbeat` event (0: never).
+    audit_heartbeat_s: int = 60
+    #: Most events one entries (export) request returns; clients page through longer ranges.
+    audit_export_max_entries: int = 100_000
+    #: Witnesses (c2sp.org/tlog-witness) asked to cosign each checkpoint: comma-separated URL prefixes.
+    witness_urls: str = ""
+    #: The witnesses' cosigner verifier keys (type 0x04 vkeys), comma-separated.
+    witness_vkeys: str = ""
+    #: A checkpoint is published only with this many cosignatures from the keys above.
+    witness_quorum: int = 0
+    #: Timeout of one add-checkpoint call to a witness.
+    witness_timeout_s: float = 5.0
+
+    # -- artifacts --------------------------------------------------------------------------------
+    #: An upload not completed this long after it started is aborted and its parts removed.
+    upload_abandon_after_s: int = 24 * 3600
+    #: How often the service looks for abandoned uploads.
+    upload_sweep_interval_s: int = 300
+    #: Smallest part of a multipart upload (rounded up to whole encrypted chunks; S3 wants >= 5 MiB).
+    upload_min_part_bytes: int = 8 * 1024 * 1024
+    #: Most part URLs one request may ask for.
+    upload_part_urls_max: int = 1000
+    #: Most files in one artifact.
+    artifact_max_files: int = 10_000
+    #: Largest artifact, in plaintext bytes over all its files.
+    artifact_max_bytes: int = 64 * 1024**4
+
+    # -- grants and links --
+    #: Lifetime of a download link when its creator names none.
+    link_default_lifetime_s: int = 24 * 3600
+    #: Longest lifetime a download link may be given.
+    link_max_lifetime_s: int = 7 * 24 * 3600
+    #: Link redemptions one client IP may make per minute (token bucket, per replica), and its burst.
+    redeem_ip_requests_per_min: int = 120
+    redeem_ip_burst_requests: int = 60
+    #: Redemptions of one link per minute (token bucket, per replica), and its burst.
+    redeem_link_requests_per_min: int = 600
+    redeem_link_burst_requests: int = 120
+
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
@@ -86,8 +130,31 @@ class Settings:
             raise ValidationError("signature_max_skew_s must be positive")
         if self.invite_default_lifetime_s > self.invite_max_lifetime_s:
             raise ValidationError("invite_default_lifetime_s exceeds invite_max_lifetime_s")
+        if self.upload_min_part_bytes < 5 * 1024 * 1024:
+            raise ValidationError(
+                "upload_min_part_bytes must be at least 5 MiB (5242880), S3's smallest part"
+            )
+        if (
+            self.upload_part_urls_max == 0
+            or self.artifact_max_files == 0
+            or self.upload_sweep_interval_s == 0
+        ):
+            raise ValidationError(
+                "upload_part_urls_max, artifact_max_files and upload_sweep_interval_s must be positive"
+            )
+        if self.link_default_lifetime_s == 0 or self.link_default_lifetime_s > self.link_max_lifetime_s:
+            raise ValidationError("link_default_lifetime_s must be positive and at most link_max_lifetime_s")
+        if 0 in (
+            self.redeem_ip_requests_per_min,
+            self.redeem_ip_burst_requests,
+            self.redeem_link_requests_per_min,
+            self.redeem_link_burst_requests,
+        ):
+            raise ValidationError("the redeem_* rate limits must be positive")
         if self.page_size_default == 0 or self.page_size_default > self.page_size_max:
             raise ValidationError("page_size_default must be between 1 and page_size_max")
+        if self.audit_checkpoint_interval_s == 0:
+            raise ValidationError("audit_checkpoint_interval_s must be positive")
         for name in ("public_url", "s3_endpoint", "s3_public_endpoint"):
             value = getattr(self, name)
             if value:
@@ -102,6 +169,10 @@ class Settings:
     @property
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.home / 'exchange.db').resolve()}"
+
+    @property
+    def effective_log_signing_key_file(self) -> Path:
+        return Path(self.log_signing_key_file) if self.log_signing_key_file else self.home / "log-signing.key"
 
     @property
     def effective_public_url(self) -> str:

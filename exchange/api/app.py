@@ -23,7 +23,7 @@ from ..errors import DependencyError, ExchangeError, PayloadTooLarge
 from ..services.audit import AuditLog, Context, Outcome
 from ..settings import Settings
 from ..storage import Storage
-from . import health, principals
+from . import artifacts, audit, health, links, principals
 from .auth import authenticate, purge_nonces
 from .keys import AUDIT, CLOCK, DB, OPENAPI, SETTINGS, STORAGE, VALIDATORS
 from .openapi import build_document
@@ -37,7 +37,7 @@ __all__ = ["ROUTES", "create_app"]
 log = logging.getLogger("exchange.api")
 
 #: The API, by subject. Each module has ROUTES and schemas(settings); adding one here is all it takes.
-MODULES = (health, principals)
+MODULES = (health, principals, audit, artifacts, links)
 ROUTES: list[Route] = [route for module in MODULES for route in module.ROUTES]
 
 
@@ -204,4 +204,7 @@ def create_app(settings: Settings, *, clock: Callable[[], int] = system_clock) -
         by_resource[(route.method, route.path)] = route
     app[_ROUTE_BY_HANDLER] = by_resource
     app.cleanup_ctx.append(_resources)
+    app.cleanup_ctx.append(artifacts.sweep_abandoned_uploads)  # after _resources: it needs them
+    app.cleanup_ctx.append(audit.publisher_ctx)  # after _resources: it needs the database
+    app.cleanup_ctx.append(links.rate_limits)
     return app

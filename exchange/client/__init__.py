@@ -98,8 +98,12 @@ class Client:
         params: dict[str, str] | None = None,
         signer: Identity | None = None,
         signed: bool = True,
+        raw: bool = False,
     ) -> Any:
-        """Send one request (signed with `signer` or the client's identity); return parsed JSON."""
+        """Send one request (signed with `signer` or the client's identity); return parsed JSON.
+
+        With `raw`, a successful answer's body is returned as bytes, unparsed.
+        """
         if self._session is None:
             raise RuntimeError("use the client as `async with Client(...)`")
         url = URL(self.server + path)
@@ -116,14 +120,16 @@ class Client:
             async with self._session.request(
                 method, url, data=body, headers=headers, allow_redirects=False
             ) as resp:
-                raw = await resp.read()
+                body_bytes = await resp.read()
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise ServiceUnreachable(
                 f"cannot reach the service at {self.server}: {exc.__class__.__name__}"
             ) from exc
+        if raw and status < 400:
+            return body_bytes
         try:
-            data = json.loads(raw) if raw else None
+            data = json.loads(body_bytes) if body_bytes else None
         except ValueError:
             data = None
         if status >= 400:

@@ -1,0 +1,374 @@
+"""Handlers for auditors: the log's key, checkpoints, proofs, entries and filtered queries.
+
+Everything but the verifier key needs the auditor or admin role. Entries (exports) and
+filtered queries are themselves recorded as `audit.export` and `audit.query` events; reads of
+checkpoints and proofs are not, since they reveal nothing about events and verifiers fetch them
+all the time. A filtered query can show what matched, with inclusion proofs, but never that
+nothing else did: only a full-range export proves completeness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import logging
+import re
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from ..errors import NotFound, ValidationError
+from ..format.note import Signer
+from ..services import auditlog as svc
+from ..services.principals import require_role
+from ..settings import Settings
+from .keys import AUDIT, CLOCK, DB, SETTINGS
+from .routing import CTX, PRINCIPAL, Route, path_param, query_param
+from .schemas import INT, STR, Schema, obj
+
+__all__ = ["PUBLISHER", "ROUTES", "publisher_ctx", "schemas"]
+
+log = logging.getLogger("exchange.api")
+
+SIGNER = web.AppKey("log_signer", Signer)
+PUBLISHER = web.AppKey("log_publisher", svc.Publisher)
+_AUDITOR_ROLES = ("auditor", "admin")
+_OUTCOMES = ("allowed", "denied", "error")
+#: "<checkpoint size>.<idx of the last row returned>": every page stays pinned to one checkpoint.
+_CURSOR = re.compile(r"([0-9]{1,19})\.([0-9]{1,19})")
+#: Sizes, indices and times are BIGINT columns.
+_MAX_INT = 2**63 - 1
+
+
+async def publisher_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Load (or create) the log key and run the checkpoint publisher; after `_resources` opened the DB."""
+    settings = app[SETTINGS]
+    signer = await asyncio.to_thread(
+        svc.load_or_create_signer, settings.effective_log_signing_key_file, settings.log_origin
+    )
+    app[SIGNER] = signer
+    log.info("audit log verifier key: %s", signer.verifier_key())
+    publisher = app[PUBLISHER] = svc.Publisher(app[DB], app[AUDIT], signer, settings, app[CLOCK])
+    task = asyncio.create_task(publisher.run_forever())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _int(request: web.Request, name: str, default: int | None = None) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        if default is None:
+            raise ValidationError(f"query parameter '{name}' is required", field=name)
+        return default
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 19 or int(raw) > _MAX_INT:
+        raise ValidationError(f"query parameter '{name}' must be an integer from 0 to 2^63 - 1", field=name)
+    return int(raw)
+
+
+def _b64(hashes: list[bytes]) -> list[str]:
+    return [base64.b64encode(h).decode("ascii") for h in hashes]
+
+
+def _checkpoint_json(size: int, note: bytes) -> dict[str, object]:
+    return {"size": size, "note": note.decode("utf-8")}
+
+
+async def vkey(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    return web.json_response(
+        {
+            "origin": settings.log_origin,
+            "vkey": request.app[SIGNER].verifier_key(),
+            "witness_vkeys": [v.strip() for v in settings.witness_vkeys.split(",") if v.strip()],
+            "witness_quorum": settings.witness_quorum,
+        }
+    )
+
+
+async def get_checkpoint(request: web.Request) -> web.Response:
+    require_role(request[PRINCIPAL], *_AUDITOR_ROLES)
+    latest = await svc.latest_checkpoint(request.app[DB])
+    if latest is None:
+        raise NotFound("no checkpoint has been published yet")
+    return web.json_response(_checkpoint_json(*latest))
+
+
+async def get_checkpoint_at(request: web.Request) -> web.Response:
+    require_role(request[PRINCIPAL], *_AUDITOR_ROLES)
+    raw = request.match_info["size"]
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 19 or int(raw) > _MAX_INT:
+        raise ValidationError("the tree size must be an integer from 0 to 2^63 - 1", field="size")
+    note = await svc.checkpoint_at(request.app[DB], int(raw))
+    if note is None:
+        raise NotFound(f"no checkpoint was published at size {int(raw)}")
+    return web.json_response(_checkpoint_json(int(raw), note))
+
+
+async def inclusion_proof(request: web.Request) -> web.Response:
+    require_role(request[PRINCIPAL], *_AUDITOR_ROLES)
+    index, size = _int(request, "index"), _int(request, "size")
+    async with request.app[DB].read() as conn:
+        proofs = await svc.inclusion_proofs(conn, [index], size)
+    return web.json_response({"index": index, "size": size, "proof": _b64(proofs[index])})
+
+
+async def consistency_proof(request: web.Request) -> web.Response:
+    require_role(request[PRINCIPAL], *_AUDITOR_ROLES)
+    old, new = _int(request, "old"), _int(request, "new")
+    async with request.app[DB].read() as conn:
+        proof = await svc.consistency_proof(conn, old, new)
+    return web.json_response({"old": old, "new": new, "proof": _b64(proof)})
+
+
+async def entries(request: web.Request) -> web.StreamResponse:
+    """The exact leaves of [start, end) as JSON Lines: one canonical event per line."""
+    app = request.app
+    require_role(request[PRINCIPAL], *_AUDITOR_ROLES)
+    start, end = _int(request, "start"), _int(request, "end")
+    limit = app[SETTINGS].audit_export_max_entries
+    if start > end:
+        raise ValidationError("start must not be after end", field="start")
+    if end - start > limit:
+        raise ValidationError(f"at most {limit} entries per request; page through longer ranges", field="end")
+    async with app[DB].transaction() as conn:
+        size = await svc.tree_size(conn)
+        if end > size:
+            raise ValidationError(f"the log has {size} events, fewer than end {end}", field="end")
+        await app[AUDIT].append(
+            conn, request[CTX], action="audit.export", details={"start": start, "end": end}
+        )
+    response = web.StreamResponse(headers={"Content-Type": "application/jsonl"})
+    response.headers["X-Request-Id"] = request[CTX].request_id or ""
+    await response.prepare(request)
+    chunk: list[bytes] = []
+    async for leaf in svc.read_entries(app[DB], start, end):
+        chunk.append(leaf + b"\n")
+        if len(chunk) >= 1000:
+            await response.write(b"".join(chunk))
+            chunk = []
+    if chunk:
+        await response.write(b"".join(chunk))
+    await response.write_eof()
+    return response
+
+
+def _filter(request: web.Request) -> svc.Filter:
+    q = request.query
+    outcome = q.get("outcome")
+    if outcome is not None and outcome not in _OUTCOMES:
+        raise ValidationError(
+            f"query parameter 'outcome' must be one of: {', '.join(_OUTCOMES)}", field="outcome"
+        )
+    resource_type = resource_id = None
+    if q.get("resource"):
+        resource_type, _, rid = q["resource"].partition(":")
+        resource_id = rid or None
+    return svc.Filter(
+        actor_id=q.get("actor") or None,
+        org=q.get("org") or None,
+        action=q.get("action") or None,
+        resource_type=resource_type or None,
+        resource_id=resource_id,
+        outcome=outcome,
+        since_ms=_int(request, "since") if "since" in q else None,
+        until_ms=_int(request, "until") if "until" in q else None,
+    )
+
+
+async def query_events(request: web.Request) -> web.Response:
+    """One page of matching events, pinned to a checkpoint size; optionally with inclusion proofs."""
+    app = request.app
+    require_role(request[PRINCIPAL], *_AUDITOR_ROLES)
+    settings = app[SETTINGS]
+    limit = _int(request, "limit", settings.page_size_default)
+    if not 1 <= limit <= settings.page_size_max:
+        raise ValidationError(
+            f"query parameter 'limit' must be between 1 and {settings.page_size_max}", field="limit"
+        )
+    where = _filter(request)
+    after = -1
+    if "cursor" in request.query:
+        cursor = _CURSOR.fullmatch(request.query["cursor"])
+        if cursor is None or max(int(cursor.group(1)), int(cursor.group(2))) > _MAX_INT:
+            raise ValidationError("the cursor is not one this service issued", field="cursor")
+        size, after = int(cursor.group(1)), int(cursor.group(2))
+        note = await svc.checkpoint_at(app[DB], size)
+    elif "size" in request.query:
+        size = _int(request, "size")
+        note = await svc.checkpoint_at(app[DB], size)
+    else:
+        latest = await svc.latest_checkpoint(app[DB])
+        size, note = latest if latest else (0, None)
+    if note is None:
+        raise NotFound(f"no checkpoint was published at size {size}: queries are pinned to a checkpoint")
+    if where.actor_id:
+        where = dataclasses.replace(where, actor_id=await svc.actor_id(app[DB], where.actor_id))
+    with_proofs = request.query.get("proofs") in ("1", "true")
+    async with app[DB].read() as conn:
+        rows = await svc.query(conn, where, size=size, after=after, limit=limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        proofs = await svc.inclusion_proofs(conn, [i for i, _ in rows], size) if with_proofs else {}
+    async with app[DB].transaction() as conn:
+        await app[AUDIT].append(
+            conn,
+            request[CTX],
+            action="audit.query",
+            details=where.to_json() | {"size": size, "after": after, "returned": len(rows)},
+        )
+    items = []
+    for idx, leaf in rows:
+        item: dict[str, object] = {"idx": idx, "leaf": leaf.decode("utf-8")}
+        if with_proofs:
+            item["proof"] = _b64(proofs[idx])
+        items.append(item)
+    return web.json_response(
+        {
+            "checkpoint": _checkpoint_json(size, note),
+            "items": items,
+            "next_cursor": f"{size}.{rows[-1][0]}" if more else None,
+        }
+    )
+
+
+_SIZE = {"type": "integer", "minimum": 0}
+ROUTES = [
+    Route(
+        "GET",
+        "/v1/audit/vkey",
+        vkey,
+        "audit.vkey",
+        "The log's checkpoint verifier key (signed-note vkey) and configured witnesses; no auth",
+        "audit",
+        auth="none",
+        response="AuditVkey",
+    ),
+    Route(
+        "GET",
+        "/v1/audit/checkpoint",
+        get_checkpoint,
+        "audit.checkpoint",
+        "The latest published checkpoint, with witness cosignatures (auditor, admin)",
+        "audit",
+        response="AuditCheckpoint",
+        errors=(403, 404),
+    ),
+    Route(
+        "GET",
+        "/v1/audit/checkpoints/{size}",
+        get_checkpoint_at,
+        "audit.checkpoint.get",
+        "The checkpoint published at a tree size (auditor, admin)",
+        "audit",
+        response="AuditCheckpoint",
+        parameters=(path_param("size", "tree size"),),
+        errors=(403, 404),
+    ),
+    Route(
+        "GET",
+        "/v1/audit/proof/inclusion",
+        inclusion_proof,
+        "audit.proof.inclusion",
+        "RFC 9162 inclusion proof of one event in the tree of a size (auditor, admin)",
+        "audit",
+        response="AuditInclusionProof",
+        parameters=(
+            query_param("index", "the event's idx", _SIZE),
+            query_param("size", "tree size", _SIZE),
+        ),
+        errors=(403,),
+    ),
+    Route(
+        "GET",
+        "/v1/audit/proof/consistency",
+        consistency_proof,
+        "audit.proof.consistency",
+        "RFC 9162 consistency proof between two tree sizes (auditor, admin)",
+        "audit",
+        response="AuditConsistencyProof",
+        parameters=(query_param("old", "old tree size", _SIZE), query_param("new", "new tree size", _SIZE)),
+        errors=(403,),
+    ),
+    Route(
+        "GET",
+        "/v1/audit/entries",
+        entries,
+        "audit.export",
+        "The exact canonical leaves of events [start, end) as JSON Lines (auditor, admin; logged)",
+        "audit",
+        parameters=(
+            query_param("start", "first idx", _SIZE),
+            query_param("end", "idx after the last", _SIZE),
+        ),
+        errors=(403,),
+    ),
+    Route(
+        "GET",
+        "/v1/audit/events",
+        query_events,
+        "audit.query",
+        "Filtered events pinned to a checkpoint; cannot prove completeness (auditor, admin; logged)",
+        "audit",
+        response="AuditEventPage",
+        parameters=(
+            query_param("actor", "principal id or name", STR),
+            query_param("org", "actor's organisation", STR),
+            query_param("action", "action, e.g. invite.create", STR),
+            query_param("resource", "TYPE or TYPE:ID", STR),
+            query_param("outcome", "allowed, denied or error", {"type": "string", "enum": list(_OUTCOMES)}),
+            query_param("since", "from this time, ms since the epoch", _SIZE),
+            query_param("until", "before this time, ms since the epoch", _SIZE),
+            query_param("size", "checkpoint size to pin to (default: the latest)", _SIZE),
+            query_param("proofs", "1: add an inclusion proof to every row", STR),
+            query_param("limit", "page size", {"type": "integer", "minimum": 1}),
+            query_param("cursor", "next_cursor of the previous page", STR),
+        ),
+        errors=(403, 404),
+    ),
+]
+
+
+def schemas(settings: Settings) -> dict[str, Schema]:
+    hashes = {"type": "array", "items": {"type": "string", "description": "SHA-256, base64"}}
+    checkpoint = obj(
+        {"size": INT, "note": {"type": "string", "description": "signed note: checkpoint and cosignatures"}},
+        ["size", "note"],
+    )
+    return {
+        "AuditVkey": obj(
+            {
+                "origin": STR,
+                "vkey": STR,
+                "witness_vkeys": {"type": "array", "items": STR},
+                "witness_quorum": INT,
+            },
+            ["origin", "vkey", "witness_vkeys", "witness_quorum"],
+        ),
+        "AuditCheckpoint": checkpoint,
+        "AuditInclusionProof": obj({"index": INT, "size": INT, "proof": hashes}, ["index", "size", "proof"]),
+        "AuditConsistencyProof": obj({"old": INT, "new": INT, "proof": hashes}, ["old", "new", "proof"]),
+        "AuditEventPage": obj(
+            {
+                "checkpoint": checkpoint,
+                "items": {
+                    "type": "array",
+                    "items": obj(
+                        {
+                            "idx": INT,
+                            "leaf": {"type": "string", "description": "the exact leaf"},
+                            "proof": hashes,
+                        },
+                        ["idx", "leaf"],
+                    ),
+                },
+                "next_cursor": {"type": ["string", "null"]},
+            },
+            ["checkpoint", "items", "next_cursor"],
+        ),
+    }

@@ -1,0 +1,510 @@
+"""Offline verification of an audit log export: trusts the pinned keys and nothing it was sent.
+
+`exchange audit verify` runs `verify_bundle` over a directory written by `exchange audit
+export` and a state directory of its own. It uses only the standard library, PyNaCl and the
+pure format code (`exchange.format`, `exchange.errors`): no network, no database, no aiohttp,
+so an auditor can run it on an air-gapped machine and read every line it depends on.
+
+Checks, in order; the first failure decides the verdict and its exit code:
+
+    10 bundle     a file is missing or does not match manifest.json
+    11 signature  the checkpoint is not signed by the pinned log key (unknown key, bad signature,
+                  another origin)
+    12 quorum     fewer valid witness cosignatures (from the pinned witness keys) than the quorum
+    13 entries    the leaves are not the log's events: a gap or a wrong idx, a leaf that is not
+                  canonical RFC 8785 JSON, over 64 KiB, of another origin, or fewer / more leaves
+                  than the checkpoint's size
+    14 root       the leaves do not hash to the checkpoint's root
+    15 fork       the checkpoint contradicts the last one this state saved: a smaller size
+                  (rollback), or a tree that does not extend the saved one. Both signed
+                  checkpoints are kept in STATE/evidence/ as proof of the log's misbehaviour.
+    16 proof      the bundle's consistency proof is malformed or does not verify, although the
+                  leaves themselves extend the saved checkpoint
+
+On success the checkpoint, its root and the pinned keys are saved in the state directory
+atomically (write, fsync, rename). The log key is pinned on first use from what the auditor
+gives (`--vkey`), never from the bundle's `log.vkey`, which is there for reference only.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import NoteError, ProofError
+from .format import merkle
+from .format.checkpoint import COSIGNATURE_V1, Checkpoint, cosigner_key_id, verify_cosignature
+from .format.note import Verifier, decode_vkey, open_note, parse_note
+
+__all__ = [
+    "BUNDLE_FILES",
+    "EXIT_CODES",
+    "MANIFEST",
+    "State",
+    "VerifyFailure",
+    "canonical_json",
+    "verify_bundle",
+]
+
+MANIFEST = "manifest.json"
+BUNDLE_FILES = ("entries.jsonl", "events.csv", "checkpoint", "consistency.json", "log.vkey")
+EVENT_TYPE = "exchange.audit.event/v1"
+MAX_LEAF_BYTES = 64 * 1024
+_MAX_SAFE_INT = 2**53 - 1
+
+EXIT_CODES = {
+    "ok": 0,
+    "usage": 2,
+    "bundle": 10,
+    "signature": 11,
+    "quorum": 12,
+    "entries": 13,
+    "root": 14,
+    "fork": 15,
+    "proof": 16,
+}
+
+
+class VerifyFailure(Exception):
+    """A verdict other than ok: its class (a key of EXIT_CODES) and a sentence for the auditor."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.kind]
+
+
+# -- canonical JSON (RFC 8785) for the subset events use --------------------------------------------
+
+
+def _escape(text: str) -> str:
+    out = ['"']
+    for ch in text:
+        code = ord(ch)
+        if ch == '"':
+            out.append('\\"')
+        elif ch == "\\":
+            out.append("\\\\")
+        elif code < 0x20:
+            short = {"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}.get(ch)
+            out.append(short or f"\\u{code:04x}")
+        elif 0xD800 <= code <= 0xDFFF:
+            raise ValueError("a lone surrogate has no canonical form")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def _canonical(value: Any) -> str:
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, int):
+        # JCS writes numbers as ECMAScript doubles; integers within 2^53 print as themselves.
+        if abs(value) > _MAX_SAFE_INT:
+            raise ValueError("an integer beyond 2^53 has no exact canonical form")
+        return str(value)
+    if isinstance(value, str):
+        return _escape(value)
+    if isinstance(value, list):
+        return "[" + ",".join(_canonical(v) for v in value) + "]"
+    if isinstance(value, dict):
+        # RFC 8785 3.2.3: members sorted by their names' UTF-16 code units.
+        items = sorted(value.items(), key=lambda kv: kv[0].encode("utf-16-be"))
+        return "{" + ",".join(_escape(k) + ":" + _canonical(v) for k, v in items) + "}"
+    raise ValueError(f"{type(value).__name__} values are not allowed in events")
+
+
+def canonical_json(value: Any) -> bytes:
+    """RFC 8785 bytes of a JSON value without floats (what audit events are made of).
+
+    Pure-ASCII output takes the C encoder, whose compact key-sorted output is RFC 8785 for
+    ASCII text without floats; anything else goes through the encoder above, character by
+    character. Tests hold both paths to the bytes of the rfc8785 package the service uses.
+    """
+    _canonical_check(value)
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    if text.isascii():
+        return text.encode("ascii")
+    return _canonical(value).encode("utf-8")
+
+
+def _canonical_check(value: Any) -> None:
+    # What json.dumps would print without complaint but RFC 8785 cannot: floats, huge integers.
+    if isinstance(value, dict):
+        for v in value.values():
+            _canonical_check(v)
+    elif isinstance(value, list):
+        for v in value:
+            _canonical_check(v)
+    elif isinstance(value, float) or (
+        isinstance(value, int) and not isinstance(value, bool) and abs(value) > _MAX_SAFE_INT
+    ):
+        raise ValueError("a float or an integer beyond 2^53 has no exact canonical form here")
+
+
+def _no_floats(text: str) -> Any:
+    raise ValueError("floats are not allowed in events")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("a member name appears twice")
+    return result
+
+
+def parse_leaf(leaf: bytes) -> dict[str, Any]:
+    """The event in a leaf, if the leaf is exactly its canonical form; ValueError otherwise."""
+    if len(leaf) > MAX_LEAF_BYTES:
+        raise ValueError(f"the leaf is over {MAX_LEAF_BYTES} bytes")
+    event = json.loads(
+        leaf.decode("utf-8"),
+        parse_float=_no_floats,
+        parse_constant=_no_floats,
+        object_pairs_hook=_no_duplicates,
+    )
+    if not isinstance(event, dict):
+        raise ValueError("the leaf is not a JSON object")
+    if not hmac.compare_digest(canonical_json(event), leaf):
+        raise ValueError("the leaf is not in canonical RFC 8785 form")
+    return event
+
+
+# -- the tree, leaf by leaf ---------------------------------------------------------------------------
+
+
+class _CompactRange:
+    """The perfect subtrees of the leaves seen so far (at most log2(n) + 1 hashes): their root."""
+
+    def __init__(self) -> None:
+        self._stack: list[tuple[int, bytes]] = []  # (level, hash), largest first
+        self.size = 0
+
+    def append(self, leaf_hash: bytes) -> None:
+        level, node = 0, leaf_hash
+        while self._stack and self._stack[-1][0] == level:
+            _, left = self._stack.pop()
+            node = merkle.node_hash(left, node)
+            level += 1
+        self._stack.append((level, node))
+        self.size += 1
+
+    def root(self) -> bytes:
+        if not self._stack:
+            return merkle.EMPTY_ROOT
+        acc = self._stack[-1][1]
+        for _, node in reversed(self._stack[:-1]):
+            acc = merkle.node_hash(node, acc)
+        return acc
+
+
+# -- state ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class State:
+    """What the auditor trusts: pinned keys and the last checkpoint verified (if any)."""
+
+    log_vkey: str
+    witness_vkeys: list[str] = field(default_factory=list)
+    witness_quorum: int = 0
+    size: int | None = None
+    root: bytes | None = None
+    checkpoint: bytes | None = None
+
+    @classmethod
+    def load(cls, directory: Path) -> State | None:
+        path = directory / "state.json"
+        if not path.exists():
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+        checkpoint = directory / "checkpoint"
+        return cls(
+            log_vkey=data["log_vkey"],
+            witness_vkeys=list(data.get("witness_vkeys", [])),
+            witness_quorum=int(data.get("witness_quorum", 0)),
+            size=data.get("size"),
+            root=base64.b64decode(data["root"]) if data.get("root") else None,
+            checkpoint=checkpoint.read_bytes() if checkpoint.exists() else None,
+        )
+
+    def save(self, directory: Path) -> None:
+        """Write the checkpoint, then state.json, each by atomic rename; state.json is the commit."""
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.checkpoint is not None:
+            _atomic_write(directory / "checkpoint", self.checkpoint)
+        data = {
+            "log_vkey": self.log_vkey,
+            "witness_vkeys": self.witness_vkeys,
+            "witness_quorum": self.witness_quorum,
+            "size": self.size,
+            "root": base64.b64encode(self.root).decode("ascii") if self.root is not None else None,
+        }
+        _atomic_write(directory / "state.json", (json.dumps(data, indent=1) + "\n").encode("utf-8"))
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_evidence(directory: Path, previous: bytes, new: bytes) -> Path:
+    """Keep both signed checkpoints of a fork; they prove the log signed two histories."""
+    where = directory / "evidence" / f"fork-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}"
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "saved.checkpoint").write_bytes(previous)
+    (where / "new.checkpoint").write_bytes(new)
+    return where
+
+
+# -- verification --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    origin: str
+    size: int
+    root: str
+    witnesses: list[str]
+    previous_size: int | None
+    entries: int
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _read_bundle(bundle: Path) -> dict[str, bytes]:
+    try:
+        manifest = json.loads((bundle / MANIFEST).read_text(encoding="utf-8"))
+        expected = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise VerifyFailure("bundle", f"the bundle has no readable {MANIFEST}: {exc}") from exc
+    files: dict[str, bytes] = {}
+    for name in BUNDLE_FILES:
+        try:
+            data = (bundle / name).read_bytes()
+        except OSError as exc:
+            raise VerifyFailure("bundle", f"the bundle's {name} cannot be read: {exc.strerror}") from exc
+        if not isinstance(expected.get(name), str) or not hmac.compare_digest(
+            hashlib.sha256(data).hexdigest(), expected[name]
+        ):
+            raise VerifyFailure("bundle", f"the bundle's {name} does not match its SHA-256 in {MANIFEST}")
+        files[name] = data
+    return files
+
+
+def _open_checkpoint(note: bytes, log_vkey: str) -> Checkpoint:
+    try:
+        verifier = Verifier.from_vkey(log_vkey)
+    except NoteError as exc:
+        raise VerifyFailure("usage", f"the pinned log key is not a valid vkey: {exc}") from exc
+    try:
+        opened = open_note(note, [verifier])
+        checkpoint = Checkpoint.parse(opened.text)
+    except NoteError as exc:
+        raise VerifyFailure(
+            "signature", f"the checkpoint is not signed by the pinned log key: {exc}"
+        ) from exc
+    if checkpoint.origin != verifier.name:
+        raise VerifyFailure(
+            "signature", f"the checkpoint is for the log {checkpoint.origin!r}, not {verifier.name!r}"
+        )
+    return checkpoint
+
+
+def _count_cosignatures(note: bytes, text: str, witness_vkeys: Sequence[str]) -> list[str]:
+    """Names of the pinned witnesses whose cosignature verifies; a bad one from a pinned key fails."""
+    keys: dict[tuple[str, bytes], str] = {}
+    for vkey in witness_vkeys:
+        name, key_type, public_key = decode_vkey(vkey)
+        if key_type != COSIGNATURE_V1:
+            raise VerifyFailure("usage", f"the witness key {name} is not a cosignature/v1 (0x04) key")
+        keys[name, cosigner_key_id(name, public_key)] = vkey
+    valid: list[str] = []
+    for sig in parse_note(note).signatures:
+        pinned = keys.get((sig.name, sig.key_id))
+        if pinned is None:
+            continue  # an unknown key's line is ignored, as signed-note requires
+        try:
+            verify_cosignature(text, sig, pinned)
+        except NoteError as exc:
+            raise VerifyFailure(
+                "quorum", f"a cosignature from a pinned witness does not verify: {exc}"
+            ) from exc
+        if sig.name not in valid:
+            valid.append(sig.name)
+    return valid
+
+
+def _leaves(data: bytes) -> Iterator[bytes]:
+    if not data:
+        return
+    if not data.endswith(b"\n"):
+        raise VerifyFailure("entries", "entries.jsonl does not end with a newline")
+    yield from data[:-1].split(b"\n")
+
+
+def verify_bundle(bundle: Path, state: State) -> tuple[Report, Checkpoint, bytes]:
+    """Check a bundle against the trusted state; return the report, checkpoint and its note.
+
+    Raises VerifyFailure with the verdict. Does not write anything: the caller saves the new
+    state (or the fork evidence).
+    """
+    files = _read_bundle(bundle)
+    note = files["checkpoint"]
+    checkpoint = _open_checkpoint(note, state.log_vkey)
+    text = checkpoint.to_text()
+    witnesses = _count_cosignatures(note, text, state.witness_vkeys)
+    if len(witnesses) < state.witness_quorum:
+        raise VerifyFailure(
+            "quorum",
+            f"the checkpoint has {len(witnesses)} valid cosignatures from pinned witnesses; "
+            f"{state.witness_quorum} are required",
+        )
+
+    tree = _CompactRange()
+    previous_root_from_leaves: bytes | None = merkle.EMPTY_ROOT if state.size == 0 else None
+    for position, leaf in enumerate(_leaves(files["entries.jsonl"])):
+        try:
+            event = parse_leaf(leaf)
+        except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
+            raise VerifyFailure(
+                "entries", f"the leaf at position {position} is not a valid event: {exc}"
+            ) from exc
+        if event.get("idx") != position:
+            raise VerifyFailure(
+                "entries",
+                f"the leaf at position {position} says idx {event.get('idx')!r}: a gap or reordering",
+            )
+        if event.get("type") != EVENT_TYPE or event.get("origin") != checkpoint.origin:
+            raise VerifyFailure("entries", f"the leaf at position {position} is not an event of this log")
+        if position >= checkpoint.size:
+            raise VerifyFailure(
+                "entries", f"the bundle has more leaves than the checkpoint's {checkpoint.size}"
+            )
+        tree.append(merkle.leaf_hash(leaf))
+        if tree.size == state.size:
+            previous_root_from_leaves = tree.root()
+    if tree.size != checkpoint.size:
+        raise VerifyFailure(
+            "entries", f"the bundle has {tree.size} leaves; the checkpoint covers {checkpoint.size}"
+        )
+    root = tree.root()
+    if not hmac.compare_digest(root, checkpoint.root_hash):
+        raise VerifyFailure("root", "the leaves do not hash to the checkpoint's root: an entry was changed")
+
+    if state.size is not None and state.root is not None:
+        _check_against_saved(state, checkpoint, previous_root_from_leaves, files["consistency.json"])
+
+    report = Report(
+        origin=checkpoint.origin,
+        size=checkpoint.size,
+        root=base64.b64encode(root).decode("ascii"),
+        witnesses=witnesses,
+        previous_size=state.size,
+        entries=tree.size,
+    )
+    return report, checkpoint, note
+
+
+def _check_against_saved(
+    state: State, checkpoint: Checkpoint, previous_root_from_leaves: bytes | None, consistency: bytes
+) -> None:
+    assert state.size is not None and state.root is not None
+    if checkpoint.size < state.size:
+        raise VerifyFailure(
+            "fork", f"the log shrank: size {checkpoint.size} after the saved size {state.size} (rollback)"
+        )
+    if previous_root_from_leaves is None or not hmac.compare_digest(previous_root_from_leaves, state.root):
+        raise VerifyFailure(
+            "fork",
+            f"the first {state.size} leaves do not hash to the saved checkpoint's root: "
+            "the log rewrote history it had signed",
+        )
+    try:
+        data = json.loads(consistency)
+        old, new = int(data["old"]), int(data["new"])
+        proof = [merkle_b64(h) for h in data["proof"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise VerifyFailure("proof", f"consistency.json is malformed: {exc}") from exc
+    if old == 0 or old != state.size:
+        return  # a proof from another size proves nothing here; the leaves already did
+    if new != checkpoint.size:
+        raise VerifyFailure("proof", "consistency.json is for another checkpoint size")
+    try:
+        merkle.verify_consistency(old, new, state.root, checkpoint.root_hash, proof)
+    except ProofError as exc:
+        raise VerifyFailure("proof", f"the consistency proof does not verify: {exc}") from exc
+
+
+def merkle_b64(text: Any) -> bytes:
+    if not isinstance(text, str):
+        raise ValueError("a proof hash is a base64 string")
+    raw = base64.b64decode(text, validate=True)
+    if len(raw) != merkle.HASH_SIZE:
+        raise ValueError("a proof hash is 32 bytes")
+    return raw
+
+
+def run(
+    bundle: Path, state_dir: Path, *, vkey: str | None, witness_vkeys: Sequence[str], quorum: int | None
+) -> Report:
+    """Verify `bundle` against the state in `state_dir` and save the new state on success.
+
+    The log key, witness keys and quorum come from the state (pinned on first use from these
+    arguments); an argument that contradicts the pinned value is a usage error.
+    """
+    state = State.load(state_dir)
+    if state is None:
+        if not vkey:
+            raise VerifyFailure(
+                "usage", "no log key is pinned in this state directory: give the log's key with --vkey"
+            )
+        state = State(log_vkey=vkey, witness_vkeys=list(witness_vkeys), witness_quorum=quorum or 0)
+    else:
+        if vkey and vkey != state.log_vkey:
+            raise VerifyFailure("usage", "--vkey differs from the log key pinned in this state directory")
+        if witness_vkeys:
+            state.witness_vkeys = list(witness_vkeys)
+        if quorum is not None:
+            state.witness_quorum = quorum
+    if state.witness_quorum > len(state.witness_vkeys):
+        raise VerifyFailure("usage", "the witness quorum is larger than the number of witness keys")
+    try:
+        report, checkpoint, note = verify_bundle(bundle, state)
+    except VerifyFailure as exc:
+        if exc.kind == "fork" and state.checkpoint is not None:
+            new = (bundle / "checkpoint").read_bytes()
+            where = save_evidence(state_dir, state.checkpoint, new)
+            exc.message += f"; both signed checkpoints are kept in {where}"
+        raise
+    state.size, state.root, state.checkpoint = checkpoint.size, checkpoint.root_hash, note
+    state.save(state_dir)
+    return report

@@ -1,0 +1,215 @@
+"""Artifact commands: upload, download, and `artifacts ls | show | abort`.
+
+Progress bars (tqdm, on stderr) appear only when stderr is a terminal; otherwise the commands
+are silent but for their result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+from tqdm import tqdm
+
+from ..client import Client
+from ..client import artifacts as api
+from ..client import links as links_api
+from ..client.transfer import download as download_artifact
+from ..client.transfer import upload as upload_artifact
+from ..format.manifest import KINDS
+from ._base import Options, main, output, pass_opts, run, when, with_client
+
+
+class _Bar:
+    """A byte progress bar on stderr when it is a terminal, nothing otherwise."""
+
+    def __init__(self, description: str) -> None:
+        self._description = description
+        self._bar: tqdm[Any] | None = None
+
+    def start(self, total: int, initial: int = 0) -> None:
+        if sys.stderr.isatty():
+            self._bar = tqdm(
+                total=total,
+                initial=initial,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=self._description,
+                file=sys.stderr,
+                leave=False,
+            )
+
+    def update(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+@contextlib.contextmanager
+def _bar(description: str) -> Iterator[_Bar]:
+    bar = _Bar(description)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=True, dir_okay=True, path_type=Path))
+@click.option("--name", help="Artifact name (default: the file or directory name).")
+@click.option("--kind", type=click.Choice(KINDS), default="other", show_default=True)
+@click.option("--to", "grantees", multiple=True, metavar="PRINCIPAL", help="Grant it to this tester too.")
+@pass_opts
+def upload(opts: Options, path: Path, name: str | None, kind: str, grantees: tuple[str, ...]) -> None:
+    """Encrypt and upload PATH (a file, or a directory of files) as an artifact; print its id.
+
+    The file key is wrapped for every active developer of your organisation and for you, and,
+    once the upload is complete, for each tester named by --to. Run the same command again to
+    resume an interrupted upload.
+    """
+
+    async def work() -> str:
+        identity = opts.identity()
+        with _bar("upload") as bar:
+            async with Client(opts.server_url(identity), identity) as client:
+                artifact_id = await upload_artifact(
+                    client,
+                    path,
+                    name=name,
+                    kind=kind,
+                    progress=bar.update,
+                    on_start=lambda _id, total, _resumed: bar.start(total),
+                )
+                for grantee in grantees:
+                    await links_api.grant(client, artifact_id, grantee)
+                return artifact_id
+
+    artifact_id = run(opts, work)
+    output(opts, {"id": artifact_id}, lambda: click.echo(artifact_id))
+
+
+@main.command()
+@click.argument("artifact_id", metavar="ARTIFACT_ID|LINK_URL")
+@click.option(
+    "-o",
+    "--output",
+    "out_dir",
+    type=click.Path(file_okay=False, dir_okay=True, path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="Directory to write into.",
+)
+@pass_opts
+def download(opts: Options, artifact_id: str, out_dir: Path) -> None:
+    """Download, decrypt and verify ARTIFACT_ID, or what a link URL holds, into a directory.
+
+    Files are written under DIR/NAME.exchange-partial/ and moved into place only once every file
+    matches the uploader's signed manifest. Run again to resume an interrupted download. Through
+    a link, the download ends with a receipt signed by your key, recorded in the audit log.
+    """
+    if "://" in artifact_id:
+        _download_link(opts, artifact_id, out_dir)
+        return
+
+    async def work() -> list[Path]:
+        identity = opts.identity()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with _bar("download") as bar:
+            async with Client(opts.server_url(identity), identity) as client:
+                return await download_artifact(
+                    client,
+                    artifact_id,
+                    out_dir,
+                    progress=bar.update,
+                    on_start=lambda info, done: bar.start(int(info["size"]), done),
+                )
+
+    written = run(opts, work)
+    output(
+        opts,
+        {"id": artifact_id, "paths": [str(p) for p in written]},
+        lambda: click.echo("\n".join(str(p) for p in written)),
+    )
+
+
+@main.group()
+def artifacts() -> None:
+    """Artifacts of your organisation."""
+
+
+@artifacts.command("ls")
+@click.option("--status", type=click.Choice(["uploading", "complete", "aborted"]), help="Only this status.")
+@pass_opts
+def artifacts_ls(opts: Options, status: str | None) -> None:
+    """List artifacts, newest first."""
+    items = with_client(opts, lambda c: api.list_artifacts(c, status=status))
+    output(
+        opts,
+        items,
+        lambda: click.echo(
+            "\n".join(
+                f"{a['id']}\t{a['status']}\t{a['kind']}\t{a['size']}\t{a['name']}\t{when(a['created_at_ms'])}"
+                for a in items
+            )
+        ),
+    )
+
+
+@artifacts.command("show")
+@click.argument("artifact_id")
+@pass_opts
+def artifacts_show(opts: Options, artifact_id: str) -> None:
+    """Show an artifact: its files and its manifest."""
+    a = with_client(opts, lambda c: api.get(c, artifact_id))
+    output(opts, a, lambda: _print_artifact(a))
+
+
+@artifacts.command("abort")
+@click.argument("artifact_id")
+@pass_opts
+def artifacts_abort(opts: Options, artifact_id: str) -> None:
+    """Abort an unfinished upload of yours and remove its parts."""
+    a = with_client(opts, lambda c: api.abort(c, artifact_id))
+    output(opts, a, lambda: click.echo(f"aborted {a['id']} ({a['name']})"))
+
+
+def _print_artifact(a: dict[str, Any]) -> None:
+    click.echo(f"{a['id']}  {a['name']}  ({a['kind']}, {a['status']})")
+    click.echo(f"organisation:  {a['org']}")
+    click.echo(f"uploaded by:   {a['created_by']} at {when(a['created_at_ms'])}")
+    click.echo(f"size:          {a['size']} bytes in {a['file_count']} file(s)")
+    manifest = a.get("manifest")
+    sha = {f["path"]: f["sha256"] for f in manifest["files"]} if manifest else {}
+    for f in a["files"]:
+        click.echo(f"  {f['size']:>14}  {sha.get(f['path'], '(not complete)'):<64}  {f['path']}")
+
+
+def _download_link(opts: Options, url: str, out_dir: Path) -> None:
+    async def work() -> tuple[list[Path], dict[str, Any]]:
+        identity = opts.identity()
+        server, token = links_api.split_link(url)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with _bar("download") as bar:
+            async with Client(server, identity) as client:
+                return await links_api.download_link(
+                    client,
+                    token,
+                    out_dir,
+                    progress=bar.update,
+                    on_start=lambda info, done: bar.start(int(info["size"]), done),
+                )
+
+    written, receipt = run(opts, work)
+    output(
+        opts,
+        {"id": receipt["artifact"], "paths": [str(p) for p in written], "receipt": receipt},
+        lambda: click.echo("\n".join(str(p) for p in written)),
+    )

@@ -1,0 +1,330 @@
+"""Audit commands: query, export and verify the log; run a witness.
+
+`exchange audit verify` is offline: it reads a bundle and its own state directory and trusts
+only the keys pinned there (`exchange.auditverify`). Everything else talks to the service.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .. import auditverify
+from ..client import Client
+from ..client.audit import AuditClient, events_csv
+from ..errors import ExchangeError, InputError, NoteError
+from ._base import EXIT_USAGE, Options, fail, main, output, pass_opts, when, with_client
+
+_RELATIVE = re.compile(r"(\d+)([smhd])")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _time_ms(value: str | None, name: str) -> int | None:
+    """A time as ms since the epoch: ISO 8601 (UTC unless it says otherwise) or a duration ago (`24h`)."""
+    if value is None:
+        return None
+    match = _RELATIVE.fullmatch(value)
+    if match:
+        return int((time.time() - int(match.group(1)) * _UNIT_S[match.group(2)]) * 1000)
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InputError(
+            f"--{name}: use an ISO 8601 time (2026-11-27T09:00Z) or a duration ago (24h)"
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return int(parsed.timestamp() * 1000)
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "exchange" / "audit-state"
+
+
+@main.group()
+def audit() -> None:
+    """Query, export and verify the audit log (auditor or admin role).
+
+    A filtered query shows what matched, each row provably in the log (--proofs), but cannot
+    prove that nothing else matched: only a full export, checked by `exchange audit verify`,
+    proves completeness.
+    """
+
+
+@audit.command("query")
+@click.option("--actor", help="Principal name or id.")
+@click.option("--org", help="The actor's organisation.")
+@click.option("--action", help="Action, e.g. invite.create or request.refused.")
+@click.option("--resource", help="Resource TYPE or TYPE:ID.")
+@click.option("--outcome", type=click.Choice(["allowed", "denied", "error"]))
+@click.option("--since", help="From this time: ISO 8601, or a duration ago (24h).")
+@click.option("--until", help="Before this time: ISO 8601, or a duration ago.")
+@click.option("--size", type=int, help="Pin to the checkpoint of this size (default: the latest).")
+@click.option("--proofs", is_flag=True, help="Fetch an inclusion proof with every row (jsonl output).")
+@click.option("--limit", type=click.IntRange(1), help="Page size.")
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "jsonl", "csv"]), default="table", show_default=True
+)
+@pass_opts
+def query(
+    opts: Options,
+    actor: str | None,
+    org: str | None,
+    action: str | None,
+    resource: str | None,
+    outcome: str | None,
+    since: str | None,
+    until: str | None,
+    size: int | None,
+    proofs: bool,
+    limit: int | None,
+    fmt: str,
+) -> None:
+    """Events that match every given filter, pinned to one checkpoint; the query is itself logged."""
+    try:
+        filters: dict[str, str | int | None] = {
+            "actor": actor,
+            "org": org,
+            "action": action,
+            "resource": resource,
+            "outcome": outcome,
+            "since": _time_ms(since, "since"),
+            "until": _time_ms(until, "until"),
+            "size": size,
+        }
+    except ExchangeError as exc:
+        fail(exc, as_json=opts.json)
+
+    async def call(client: Client) -> list[dict[str, Any]]:
+        return [item async for item in AuditClient(client).query(filters, limit=limit, proofs=proofs)]
+
+    items = with_client(opts, call)
+    if fmt == "jsonl" or opts.json:
+        for item in items:
+            row: dict[str, Any] = {"idx": item["idx"], "event": item["event"]}
+            if proofs:
+                row["proof"] = item["proof"]
+                row["checkpoint_size"] = item["checkpoint"]["size"]
+            click.echo(json.dumps(row, sort_keys=True))
+    elif fmt == "csv":
+        events_csv(sys.stdout, (item["event"] for item in items))
+    else:
+        click.echo(f"{'idx':>8}  {'time (UTC)':23}  {'action':24}  {'outcome':18}  actor")
+        for item in items:
+            e = item["event"]
+            result = e["outcome"]["result"] + (
+                f":{e['outcome']['reason']}" if e["outcome"].get("reason") else ""
+            )
+            who = e["actor"].get("name") or e["actor"]["type"]
+            click.echo(f"{e['idx']:>8}  {when(e['time_ms']):23}  {e['action']:24}  {result:18}  {who}")
+        click.echo(
+            f"{len(items)} events. A filtered query cannot prove completeness; a verified export can.",
+            err=True,
+        )
+
+
+@audit.command("checkpoint")
+@pass_opts
+def checkpoint(opts: Options) -> None:
+    """Print the latest signed checkpoint (with witness cosignatures)."""
+
+    async def call(client: Client) -> dict[str, Any]:
+        return await AuditClient(client).checkpoint()
+
+    cp = with_client(opts, call)
+    output(opts, cp, lambda: click.echo(cp["note"], nl=False))
+
+
+@audit.command("vkey")
+@pass_opts
+def vkey(opts: Options) -> None:
+    """Print the log's verifier key as the service states it (pin it only after checking it out of band)."""
+
+    async def call(client: Client) -> dict[str, Any]:
+        return await AuditClient(client).vkey()
+
+    data = with_client(opts, call, signed=False)
+    output(opts, data, lambda: click.echo(data["vkey"]))
+
+
+@audit.command("export")
+@click.option(
+    "--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Bundle directory."
+)
+@click.option(
+    "--state",
+    "state_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=default_state_dir,
+    show_default="~/.config/exchange/audit-state",
+    help="Your verify state: the consistency proof starts at its saved size.",
+)
+@pass_opts
+def export(opts: Options, out: Path, state_dir: Path) -> None:
+    """Write a bundle: every leaf up to the latest checkpoint and what proves it, for `audit verify`.
+
+    \b
+    Files: entries.jsonl (the exact leaves), events.csv (for reading), checkpoint (signed note
+    and cosignatures), consistency.json (from your last verified size), log.vkey (the service's
+    claim, for reference only), manifest.json (SHA-256 of each). Check it with `exchange audit verify`.
+    """
+    result = _export(opts, out, state_dir)
+    output(opts, result, lambda: click.echo(f"wrote {result['size']} events to {result['out']}"))
+
+
+def _export(opts: Options, out: Path, state_dir: Path) -> dict[str, Any]:
+    """Export a bundle whose consistency proof starts at the size the state last verified."""
+    saved = auditverify.State.load(state_dir)
+    since = (saved.size or 0) if saved else 0
+
+    async def call(client: Client) -> dict[str, Any]:
+        return await AuditClient(client).export(out, since_size=since)
+
+    return with_client(opts, call)
+
+
+_VERIFY_HELP = """Check an export bundle offline against the keys pinned in the state directory.
+
+Without --bundle, exports a fresh bundle from the service into a temporary directory first.
+The log key is pinned on first use from --vkey (never from the bundle); witness keys and the
+quorum likewise. On success the checkpoint is saved in the state directory, and the next run
+must extend it.
+
+\b
+Exit codes:
+  0  verified
+  2  bad usage (no pinned key and no --vkey, unreadable state, bad arguments)
+ 10  bundle: a file is missing or does not match manifest.json
+ 11  signature: the checkpoint is not signed by the pinned log key
+ 12  quorum: too few valid cosignatures from the pinned witnesses
+ 13  entries: a gap, a wrong idx, a non-canonical or foreign leaf, a missing or extra leaf
+ 14  root: the leaves do not hash to the checkpoint's root
+ 15  fork: the checkpoint contradicts the saved one (rollback or rewritten history);
+     both signed checkpoints are kept in STATE/evidence/
+ 16  proof: the bundle's consistency proof is malformed or does not verify
+"""
+
+
+@audit.command("verify", help=_VERIFY_HELP)
+@click.option(
+    "--bundle", type=click.Path(file_okay=False, exists=True, path_type=Path), help="Bundle directory."
+)
+@click.option(
+    "--state",
+    "state_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=default_state_dir,
+    show_default="~/.config/exchange/audit-state",
+    help="Where pinned keys and the last verified checkpoint live.",
+)
+@click.option(
+    "--vkey", "log_vkey", help="The log's verifier key, obtained out of band (pinned on first use)."
+)
+@click.option("--witness-vkey", "witness_vkeys", multiple=True, help="A witness's cosigner key (repeatable).")
+@click.option("--quorum", type=click.IntRange(0), help="Cosignatures required from those witnesses.")
+@pass_opts
+def verify(
+    opts: Options,
+    bundle: Path | None,
+    state_dir: Path,
+    log_vkey: str | None,
+    witness_vkeys: tuple[str, ...],
+    quorum: int | None,
+) -> None:
+    with tempfile.TemporaryDirectory(prefix="exchange-audit-") as tmp:
+        if bundle is None:
+            bundle = Path(tmp) / "bundle"
+            _export(opts, bundle, state_dir)
+        try:
+            report = auditverify.run(
+                bundle, state_dir, vkey=log_vkey, witness_vkeys=witness_vkeys, quorum=quorum
+            )
+        except auditverify.VerifyFailure as exc:
+            _verdict(opts, {"verdict": exc.kind, "detail": exc.message}, exc.exit_code)
+        except (OSError, ValueError, NoteError) as exc:
+            _verdict(opts, {"verdict": "usage", "detail": str(exc)}, EXIT_USAGE)
+    data = {"verdict": "ok"} | report.to_json()
+    output(
+        opts,
+        data,
+        lambda: click.echo(
+            f"verified: {report.origin} size {report.size}, root {report.root}, "
+            f"{len(report.witnesses)} witness cosignatures"
+            + (f", extends the saved size {report.previous_size}" if report.previous_size is not None else "")
+        ),
+    )
+
+
+def _verdict(opts: Options, data: dict[str, Any], code: int) -> None:
+    if opts.json:
+        click.echo(json.dumps(data | {"exit_code": code}, sort_keys=True))
+    else:
+        click.echo(f"exchange: verify failed ({data['verdict']}): {data['detail']}", err=True)
+    sys.exit(code)
+
+
+# -- witness --------------------------------------------------------------------------------------
+
+
+@main.group()
+def witness() -> None:
+    """Run a tlog-witness that cosigns the audit log's checkpoints (for an auditor organisation)."""
+
+
+@witness.command("keygen")
+@click.option("--name", required=True, help="The witness's name, e.g. witness.auditor.example.")
+@click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@pass_opts
+def witness_keygen(opts: Options, name: str, key_path: Path) -> None:
+    """Create a witness key file (mode 0600) and print its cosigner vkey for the log's operator."""
+    from ..witness import WitnessKey
+
+    try:
+        key = WitnessKey.generate(name)
+        key.save(key_path)
+    except FileExistsError:
+        fail(InputError(f"{key_path} exists; refusing to overwrite a witness key"), as_json=opts.json)
+    except NoteError as exc:
+        fail(exc, as_json=opts.json)
+    output(opts, {"vkey": key.vkey, "key_file": str(key_path)}, lambda: click.echo(key.vkey))
+
+
+@witness.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8090, show_default=True)
+@click.option("--state", "state_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--key", "key_path", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path)
+)
+@click.option(
+    "--log-vkey", "log_vkeys", required=True, multiple=True, help="A log's verifier key (repeatable)."
+)
+@pass_opts
+def witness_serve(
+    opts: Options, host: str, port: int, state_dir: Path, key_path: Path, log_vkeys: tuple[str, ...]
+) -> None:
+    """Serve POST /add-checkpoint (c2sp.org/tlog-witness) until interrupted."""
+    import logging
+
+    from aiohttp import web
+
+    from ..witness import Witness, WitnessKey, WitnessState, create_witness_app
+
+    try:
+        key = WitnessKey.load(key_path)
+        app = create_witness_app(Witness(key, WitnessState(state_dir), log_vkeys))
+    except (NoteError, ValueError, OSError) as exc:
+        fail(InputError(f"cannot start the witness: {exc}"), as_json=opts.json)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    click.echo(f"witness {key.name} on http://{host}:{port}; cosigner key: {key.vkey}", err=True)
+    web.run_app(app, host=host, port=port, print=None, access_log=None)

@@ -1,0 +1,190 @@
+"""SDK calls for auditors: the log key, checkpoints, proofs, entries, queries and export bundles.
+
+`AuditClient(client)` wraps a signed `Client`. It fetches; it does not decide whether what it
+fetched is true; that is `exchange.auditverify`, which trusts none of it (an export bundle is
+checked offline, against the key the auditor pinned, never the copy the service sent along).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import json
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from ..auditverify import BUNDLE_FILES, MANIFEST
+from . import Client
+
+__all__ = ["AuditClient", "events_csv"]
+
+#: Entries per request when exporting; the service caps it with audit_export_max_entries.
+EXPORT_PAGE = 50_000
+
+
+def _hashes(items: list[str]) -> list[bytes]:
+    return [base64.b64decode(h, validate=True) for h in items]
+
+
+class AuditClient:
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    async def vkey(self) -> dict[str, Any]:
+        return await self.client.request("GET", "/v1/audit/vkey", signed=False)  # type: ignore[no-any-return]
+
+    async def checkpoint(self, size: int | None = None) -> dict[str, Any]:
+        """{"size", "note"}: the latest checkpoint, or the one published at `size`."""
+        path = "/v1/audit/checkpoint" if size is None else f"/v1/audit/checkpoints/{size}"
+        return await self.client.request("GET", path)  # type: ignore[no-any-return]
+
+    async def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        data = await self.client.request(
+            "GET", "/v1/audit/proof/inclusion", params={"index": str(index), "size": str(size)}
+        )
+        return _hashes(data["proof"])
+
+    async def consistency_proof(self, old: int, new: int) -> list[bytes]:
+        data = await self.client.request(
+            "GET", "/v1/audit/proof/consistency", params={"old": str(old), "new": str(new)}
+        )
+        return _hashes(data["proof"])
+
+    async def entries(self, start: int, end: int) -> AsyncIterator[bytes]:
+        """The exact leaves of events [start, end), page by page (each page is logged as an export)."""
+        pos = start
+        while pos < end:
+            stop = min(end, pos + EXPORT_PAGE)
+            raw: bytes = await self.client.request(
+                "GET", "/v1/audit/entries", params={"start": str(pos), "end": str(stop)}, raw=True
+            )
+            lines = raw.split(b"\n")
+            if lines and lines[-1] == b"":
+                lines.pop()
+            for line in lines:
+                yield line
+            if len(lines) != stop - pos:
+                return  # the service has fewer rows than it claims: the verifier will say so
+            pos = stop
+
+    async def query(
+        self, filters: Mapping[str, str | int | None], *, limit: int | None = None, proofs: bool = False
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Every matching event as {"idx", "leaf", "event", "proof"?, "checkpoint"}, following cursors.
+
+        All pages are pinned to the checkpoint of the first one. A filtered query shows what
+        matched; it cannot prove that nothing else did.
+        """
+        params = {k: str(v) for k, v in filters.items() if v is not None}
+        if limit is not None:
+            params["limit"] = str(limit)
+        if proofs:
+            params["proofs"] = "1"
+        cursor: str | None = None
+        while True:
+            page = await self.client.request(
+                "GET", "/v1/audit/events", params=params | ({"cursor": cursor} if cursor else {})
+            )
+            for item in page["items"]:
+                item["event"] = json.loads(item["leaf"])
+                item["checkpoint"] = page["checkpoint"]
+                yield item
+            cursor = page["next_cursor"]
+            if not cursor:
+                return
+
+    async def export(self, out: Path, *, since_size: int = 0) -> dict[str, Any]:
+        """Write an export bundle to `out`: every leaf of the latest checkpoint, with what checks it.
+
+        Files: `entries.jsonl` (the exact leaves, idx 0 to size - 1), `events.csv` (for reading),
+        `checkpoint` (the signed note with cosignatures), `consistency.json` (proof from
+        `since_size`, the auditor's last verified size), `log.vkey` (the service's own claim of
+        its key, for reference only), and `manifest.json` (SHA-256 of each file).
+        """
+        cp = await self.checkpoint()
+        size = int(cp["size"])
+        if since_size > size:
+            since_size = size  # the verifier compares sizes itself and reports the rollback
+        proof = await self.consistency_proof(since_size, size) if since_size else []
+        out.mkdir(parents=True, exist_ok=True)
+        leaves = out / "entries.jsonl"
+        with leaves.open("wb") as fh:
+            async for leaf in self.entries(0, size):
+                fh.write(leaf + b"\n")
+        with (out / "events.csv").open("w", encoding="utf-8", newline="") as fh:
+            events_csv(fh, (_readable(line) for line in leaves.read_bytes().splitlines()))
+        (out / "checkpoint").write_bytes(cp["note"].encode("utf-8"))
+        consistency = {"old": since_size, "new": size, "proof": [base64.b64encode(h).decode() for h in proof]}
+        (out / "consistency.json").write_text(json.dumps(consistency, indent=1) + "\n", encoding="utf-8")
+        (out / "log.vkey").write_text((await self.vkey())["vkey"] + "\n", encoding="utf-8")
+        manifest = {
+            "size": size,
+            "files": {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in BUNDLE_FILES},
+        }
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        return {"out": str(out), "size": size, "since_size": since_size}
+
+
+def _readable(leaf: bytes) -> dict[str, Any]:
+    # The CSV is for reading; a leaf that is not even JSON still gets a row (the verifier judges it).
+    try:
+        event = json.loads(leaf)
+    except ValueError:
+        return {"action": "(not a JSON event)"}
+    return event if isinstance(event, dict) else {"action": "(not a JSON object)"}
+
+
+CSV_COLUMNS = (
+    "idx",
+    "time_ms",
+    "action",
+    "outcome",
+    "reason",
+    "actor_type",
+    "actor_id",
+    "actor_name",
+    "actor_org",
+    "actor_key_id",
+    "ip",
+    "resource_type",
+    "resource_id",
+    "request_id",
+    "id",
+)
+
+
+def events_csv(fh: Any, events: Any) -> None:
+    """Write events as CSV with one flat row each (the leaves stay the evidence; this is for reading)."""
+    writer = csv.writer(fh)
+    writer.writerow(CSV_COLUMNS)
+    for e in events:
+        actor, outcome, resource = e.get("actor", {}), e.get("outcome", {}), e.get("resource", {})
+        writer.writerow(
+            _cell(value)
+            for value in [
+                e.get("idx"),
+                e.get("time_ms"),
+                e.get("action"),
+                outcome.get("result"),
+                outcome.get("reason", ""),
+                actor.get("type"),
+                actor.get("id", ""),
+                actor.get("name", ""),
+                actor.get("org", ""),
+                actor.get("key_id", ""),
+                e.get("source", {}).get("ip", ""),
+                resource.get("type", ""),
+                resource.get("id", ""),
+                e.get("request_id", ""),
+                e.get("id"),
+            ]
+        )
+
+
+def _cell(value: Any) -> Any:
+    # Attacker-chosen text (user agents, names) must not run as a spreadsheet formula.
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value

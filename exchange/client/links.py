@@ -1,0 +1,187 @@
+"""Grants and links, one call per endpoint, and downloads through a link.
+
+Granting happens on the developer's machine: `grant` fetches the caller's own header, unwraps the
+artifact's file key with the caller's age identity, wraps it for the grantee's registered
+recipient and posts only that header. The file key never leaves the client.
+
+A link is redeemed without a request signature (the token is the capability): `download_link`
+opens a counted download session, verifies the uploader's signed manifest, unwraps the file key
+with the recipient's age identity (a link for someone else fails here, with `age-no-match`),
+downloads like `transfer.download` (parallel, resumable, verified), and ends by posting a
+receipt: the recipient's Ed25519 signature over the manifest digest.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from ..errors import ValidationError
+from ..format import age
+from . import Client
+from . import artifacts as artifacts_api
+from ._download import _DownloadFile, _URLRefresher, _verified_manifest
+from .transfer import DEFAULT_CONCURRENCY, Progress, download_verified
+
+__all__ = [
+    "create_link",
+    "download_link",
+    "grant",
+    "link_header",
+    "list_grants",
+    "list_links",
+    "open_session",
+    "revoke",
+    "revoke_link",
+    "send_receipt",
+    "split_link",
+    "view_link",
+]
+
+_LINK_PATH = re.compile(r"(.*)/l/(exl1_[A-Za-z0-9_-]{43})/?")
+
+
+def _q(value: str) -> str:
+    return quote(value, safe="")
+
+
+# -- grants (signed) ------------------------------------------------------------------------------
+
+
+async def grant(
+    client: Client, artifact_id: str, principal: str, *, expires_in_s: int | None = None
+) -> dict[str, Any]:
+    """Wrap the artifact's file key for `principal` here, and post the header: a grant."""
+    identity = client.identity
+    if identity is None:
+        raise ValidationError("granting needs an identity (--identity)")
+    own = await artifacts_api.header(client, artifact_id)
+    file_key = age.unwrap_file_key(own, [identity.age_identity])
+    grantee = await client.get_principal(principal)
+    header = age.wrap_file_key(file_key, [grantee["age_recipient"]]).to_bytes()
+    body: dict[str, Any] = {"principal": principal, "header": base64.b64encode(header).decode()}
+    if expires_in_s is not None:
+        body["expires_in_s"] = expires_in_s
+    return await client.request(  # type: ignore[no-any-return]
+        "POST", f"/v1/artifacts/{_q(artifact_id)}/grants", json_body=body
+    )
+
+
+async def revoke(client: Client, artifact_id: str, principal: str) -> dict[str, Any]:
+    return await client.request(  # type: ignore[no-any-return]
+        "DELETE", f"/v1/artifacts/{_q(artifact_id)}/grants/{_q(principal)}"
+    )
+
+
+async def list_grants(client: Client, artifact_id: str) -> list[dict[str, Any]]:
+    return (await client.request("GET", f"/v1/artifacts/{_q(artifact_id)}/grants"))["items"]  # type: ignore[no-any-return]
+
+
+# -- links (signed) -------------------------------------------------------------------------------
+
+
+async def create_link(
+    client: Client,
+    artifact_id: str,
+    recipient: str,
+    *,
+    expires_in_s: int | None = None,
+    max_downloads: int | None = None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"artifact": artifact_id, "recipient": recipient}
+    if expires_in_s is not None:
+        body["expires_in_s"] = expires_in_s
+    if max_downloads is not None:
+        body["max_downloads"] = max_downloads
+    return await client.request("POST", "/v1/links", json_body=body)  # type: ignore[no-any-return]
+
+
+async def list_links(client: Client, artifact_id: str | None = None) -> list[dict[str, Any]]:
+    params = {"artifact": artifact_id} if artifact_id else None
+    return (await client.request("GET", "/v1/links", params=params))["items"]  # type: ignore[no-any-return]
+
+
+async def revoke_link(client: Client, link_id: str) -> dict[str, Any]:
+    return await client.request("DELETE", f"/v1/links/{_q(link_id)}")  # type: ignore[no-any-return]
+
+
+# -- redemption (unsigned: the token is the capability) -------------------------------------------
+
+
+def split_link(url: str) -> tuple[str, str]:
+    """(service URL, token) of a link URL `…/l/TOKEN`; ValidationError if it is not one."""
+    parts = urlsplit(url)
+    match = _LINK_PATH.fullmatch(parts.path)
+    if parts.scheme not in ("http", "https") or not parts.netloc or match is None or parts.query:
+        raise ValidationError("not a link URL: expected https://SERVICE/l/exl1_…", code="bad-link-url")
+    return f"{parts.scheme}://{parts.netloc}{match.group(1)}", match.group(2)
+
+
+async def view_link(client: Client, token: str) -> dict[str, Any]:
+    return await client.request("GET", f"/l/{token}", signed=False)  # type: ignore[no-any-return]
+
+
+async def open_session(client: Client, token: str, session: str | None = None) -> dict[str, Any]:
+    """Open a counted download session, or renew the URLs of `session` without counting."""
+    body = {"session": session} if session else {}
+    return await client.request("POST", f"/l/{token}/session", json_body=body, signed=False)  # type: ignore[no-any-return]
+
+
+async def link_header(client: Client, token: str) -> bytes:
+    return await client.request("GET", f"/l/{token}/header", signed=False, raw=True)  # type: ignore[no-any-return]
+
+
+async def send_receipt(client: Client, token: str, session: str, signature: bytes) -> dict[str, Any]:
+    body = {"session": session, "signature": base64.b64encode(signature).decode()}
+    return await client.request("POST", f"/l/{token}/receipt", json_body=body, signed=False)  # type: ignore[no-any-return]
+
+
+class _LinkURLs(_URLRefresher):
+    """Fresh presigned GETs for a long download come from the same session: not counted again."""
+
+    def __init__(
+        self, client: Client, token: str, info: dict[str, Any], files: Sequence[_DownloadFile]
+    ) -> None:
+        super().__init__(client, info, files)
+        self._token = token
+        self._session = str(info["session"])
+
+    async def _fetch_info(self) -> dict[str, Any]:
+        return await open_session(self._client, self._token, self._session)
+
+
+async def download_link(
+    client: Client,
+    token: str,
+    out_dir: Path,
+    *,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    progress: Progress | None = None,
+    on_start: Callable[[dict[str, Any], int], None] | None = None,
+) -> tuple[list[Path], dict[str, Any]]:
+    """Download, decrypt and verify what the link holds into `out_dir`, then post the receipt.
+
+    Returns the top-level paths written and the receipt the service recorded."""
+    identity = client.identity
+    if identity is None:
+        raise ValidationError("downloading needs the recipient's identity (--identity)")
+    info = await open_session(client, token)
+    manifest = _verified_manifest(info, info["uploader"])
+    file_key = age.unwrap_file_key(base64.b64decode(info["header"]), [identity.age_identity])
+    written = await download_verified(
+        info,
+        manifest,
+        file_key,
+        out_dir,
+        lambda files: _LinkURLs(client, token, info, files),
+        concurrency=concurrency,
+        progress=progress,
+        on_start=on_start,
+    )
+    signature = identity.signing_key.sign(manifest.digest()).signature
+    receipt = await send_receipt(client, token, str(info["session"]), signature)
+    return written, receipt

@@ -1,0 +1,873 @@
+"""Artifacts: encrypted uploads in parts, their completion against a signed manifest, downloads.
+
+The service never sees plaintext or file keys. It keeps, per artifact, the metadata (name, kind,
+paths, sizes, payload nonces), one age header per recipient, the SHA-256 every part URL was
+bound to, and — once complete — the uploader's signed manifest. Storage keys are its own
+(`new_object_key`); paths live only in metadata.
+
+The life of an upload:
+
+    create      the uploader declares files, sizes and nonces, and posts one header per
+                recipient (itself and every active developer of its organisation); the service
+                picks the part size                                          -> 'uploading'
+    part URLs   for each part the client names the SHA-256 of its ciphertext; the service records
+                it (a part's digest never changes) and answers with a URL bound to that size and
+                digest, so storage refuses any other bytes; re-issuable, in batches
+    complete    the client sends its signed manifest; the service verifies the signature with
+                the uploader's registered key, checks every per-file value against its own
+                records, checks what storage holds, assembles the objects    -> 'complete'
+    abort       by the uploader, or by the sweeper once `upload_abandon_after_s` has passed:
+                multipart uploads aborted, objects removed                   -> 'aborted'
+
+Each change and its audit event commit together. The decisions (who may see, upload to, or read
+an artifact; does the manifest match the records) are the plain functions at the top.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..db import Connection, Database, Row
+from ..errors import (
+    AgeError,
+    Conflict,
+    ExchangeError,
+    ManifestError,
+    NotFound,
+    PermissionDenied,
+    ValidationError,
+)
+from ..format import age
+from ..format.manifest import (
+    KINDS,
+    Manifest,
+    PartRange,
+    check_paths,
+    choose_part_size,
+    ciphertext_digest,
+    part_ranges,
+)
+from ..storage import Part, PresignedRequest, Storage, new_object_key
+from .audit import SYSTEM, AuditLog, Context
+from .principals import Principal, new_id, require_role
+
+__all__ = [
+    "Artifact",
+    "ArtifactFile",
+    "FileDeclaration",
+    "Limits",
+    "PartURL",
+    "abort",
+    "complete",
+    "create",
+    "download_urls",
+    "get",
+    "get_header",
+    "has_active_grant",
+    "issue_part_urls",
+    "list_artifacts",
+    "sweep_abandoned",
+    "upload_status",
+]
+
+log = logging.getLogger("exchange.artifacts")
+
+
+@dataclass(frozen=True)
+class Limits:
+    min_part_bytes: int
+    max_files: int
+    max_bytes: int
+    max_part_urls: int
+
+
+@dataclass(frozen=True)
+class FileDeclaration:
+    path: str
+    size: int
+    nonce: bytes
+
+
+@dataclass(frozen=True)
+class Artifact:
+    id: str
+    org_id: str
+    org_name: str
+    name: str
+    kind: str
+    status: str
+    created_by: str
+    created_by_name: str
+    created_at_ms: int
+    finished_at_ms: int | None
+    part_size: int
+    file_count: int
+    plaintext_bytes: int
+    manifest: bytes | None
+    manifest_signature: bytes | None
+
+    @classmethod
+    def from_row(cls, row: Row) -> Artifact:
+        return cls(
+            id=row["id"],
+            org_id=row["org_id"],
+            org_name=row["org_name"],
+            name=row["name"],
+            kind=row["kind"],
+            status=row["status"],
+            created_by=row["created_by"],
+            created_by_name=row["created_by_name"],
+            created_at_ms=row["created_at_ms"],
+            finished_at_ms=row["finished_at_ms"],
+            part_size=row["part_size"],
+            file_count=row["file_count"],
+            plaintext_bytes=row["plaintext_bytes"],
+            manifest=None if row["manifest"] is None else bytes(row["manifest"]),
+            manifest_signature=None
+            if row["manifest_signature"] is None
+            else bytes(row["manifest_signature"]),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "id": self.id,
+            "org": self.org_name,
+            "name": self.name,
+            "kind": self.kind,
+            "status": self.status,
+            "created_by": self.created_by_name,
+            "created_at_ms": self.created_at_ms,
+            "finished_at_ms": self.finished_at_ms,
+            "part_size": self.part_size,
+            "file_count": self.file_count,
+            "size": self.plaintext_bytes,
+        }
+        return data
+
+
+@dataclass(frozen=True)
+class ArtifactFile:
+    idx: int
+    path: str
+    plaintext_size: int
+    ciphertext_size: int
+    part_count: int
+    nonce: bytes
+    object_key: str
+    upload_id: str | None
+
+    @classmethod
+    def from_row(cls, row: Row) -> ArtifactFile:
+        return cls(
+            idx=row["idx"],
+            path=row["path"],
+            plaintext_size=row["plaintext_size"],
+            ciphertext_size=row["ciphertext_size"],
+            part_count=row["part_count"],
+            nonce=bytes(row["payload_nonce"]),
+            object_key=row["object_key"],
+            upload_id=row["upload_id"],
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "index": self.idx,
+            "path": self.path,
+            "size": self.plaintext_size,
+            "ciphertext_size": self.ciphertext_size,
+            "part_count": self.part_count,
+            "nonce": base64.b64encode(self.nonce).decode("ascii"),
+            "object": self.object_key,
+        }
+
+
+@dataclass(frozen=True)
+class PartURL:
+    file: int
+    number: int
+    size: int
+    request: PresignedRequest
+
+
+# -- decisions ------------------------------------------------------------------------------------
+
+
+def may_see(principal: Principal, artifact: Artifact, *, granted: bool = False) -> bool:
+    """Metadata: the owning organisation's principals; admins and auditors see every artifact;
+    anyone else only while an active (unrevoked, unexpired) grant names them."""
+    return principal.org_id == artifact.org_id or principal.role in ("admin", "auditor") or granted
+
+
+def require_uploader(principal: Principal, artifact: Artifact) -> None:
+    if principal.id != artifact.created_by:
+        raise PermissionDenied(
+            "only the principal that started this upload may continue it", code="not-uploader"
+        )
+    if artifact.status != "uploading":
+        raise Conflict(
+            f"the artifact is {artifact.status}, not uploading", code=f"artifact-{artifact.status}"
+        )
+
+
+def check_header(raw: bytes, who: str) -> bytes:
+    """One recipient's header: a canonical age header with exactly one X25519 stanza."""
+    try:
+        header, end = age.Header.parse(raw)
+    except AgeError as exc:
+        raise ValidationError(f"the header for {who} is not a valid age header: {exc.message}") from None
+    if end != len(raw):
+        raise ValidationError(f"the header for {who} has bytes after its MAC line")
+    if len(header.stanzas) != 1 or header.stanzas[0].type != "X25519":
+        raise ValidationError(f"the header for {who} must hold exactly one X25519 stanza, for {who} alone")
+    return raw
+
+
+def check_manifest(
+    manifest: Manifest,
+    artifact: Artifact,
+    uploader: Principal,
+    files: Sequence[ArtifactFile],
+    digests: dict[int, dict[int, bytes]],
+) -> None:
+    """Does the signed manifest describe exactly what the service recorded? Raise Conflict if not."""
+
+    def mismatch(what: str) -> Conflict:
+        return Conflict(f"the manifest does not match the upload: {what}", code="manifest-mismatch")
+
+    expected = {
+        "artifact": artifact.id,
+        "org": artifact.org_name,
+        "name": artifact.name,
+        "kind": artifact.kind,
+        "uploader": uploader.key_id,
+        "part_size": artifact.part_size,
+    }
+    for field, value in expected.items():
+        if getattr(manifest, field) != value:
+            raise mismatch(f"its {field} is not this artifact's")
+    if sorted(f.path for f in manifest.files) != sorted(f.path for f in files):
+        raise mismatch("it lists other files than were declared")
+    for f in files:
+        entry = manifest.file(f.path)
+        if (entry.size, entry.ciphertext_size) != (f.plaintext_size, f.ciphertext_size):
+            raise mismatch(f"the sizes of {f.path!r} differ from those declared")
+        if entry.nonce != f.nonce or entry.object != f.object_key:
+            raise mismatch(f"the nonce or object of {f.path!r} differ from those recorded")
+        recorded = digests.get(f.idx, {})
+        missing = [n for n in range(1, f.part_count + 1) if n not in recorded]
+        if missing:
+            raise Conflict(
+                f"{f.path!r}: no part URL was issued for part(s) {_numbers(missing)}", code="parts-missing"
+            )
+        ours = ciphertext_digest([recorded[n] for n in range(1, f.part_count + 1)])
+        if entry.ciphertext_digest != ours:
+            raise mismatch(f"the ciphertext digest of {f.path!r} is not that of its recorded parts")
+
+
+def check_stored_parts(f: ArtifactFile, stored: Sequence[Part], ranges: Sequence[PartRange]) -> list[Part]:
+    """The parts storage holds for `f`, one per number, checked against the layout. Raise Conflict."""
+    by_number: dict[int, Part] = {}
+    for part in stored:
+        seen = by_number.get(part.number)
+        # A part uploaded twice may be listed twice (SeaweedFS does); the same bytes are harmless.
+        if seen is not None and (seen.size, seen.etag) != (part.size, part.etag):
+            raise Conflict(
+                f"{f.path!r}: part {part.number} is stored twice with different bytes", code="part-conflict"
+            )
+        by_number[part.number] = part
+    missing = [r.number for r in ranges if r.number not in by_number]
+    if missing:
+        raise Conflict(f"{f.path!r}: part(s) {_numbers(missing)} not uploaded yet", code="parts-missing")
+    extra = sorted(set(by_number) - {r.number for r in ranges})
+    if extra:
+        raise Conflict(
+            f"{f.path!r}: storage holds unexpected part(s) {_numbers(extra)}", code="part-unexpected"
+        )
+    for r in ranges:
+        if by_number[r.number].size != r.size:
+            raise Conflict(
+                f"{f.path!r}: stored part {r.number} is {by_number[r.number].size} bytes, not {r.size}",
+                code="part-size-mismatch",
+            )
+    return [by_number[r.number] for r in ranges]
+
+
+def _numbers(numbers: Sequence[int]) -> str:
+    shown = ", ".join(map(str, numbers[:10]))
+    return shown + (f" and {len(numbers) - 10} more" if len(numbers) > 10 else "")
+
+
+# -- reads ----------------------------------------------------------------------------------------
+
+_SELECT = (
+    "SELECT a.*, o.name AS org_name, p.name AS created_by_name FROM artifacts a"
+    " JOIN orgs o ON o.id = a.org_id JOIN principals p ON p.id = a.created_by"
+)
+
+
+async def _artifact(conn: Connection, artifact_id: str) -> Artifact | None:
+    row = await conn.fetchone(_SELECT + " WHERE a.id = $1", artifact_id)
+    return None if row is None else Artifact.from_row(row)
+
+
+async def has_active_grant(conn: Connection, artifact_id: str, principal_id: str, now_ms: int) -> bool:
+    found = await conn.fetchval(
+        "SELECT 1 FROM grants WHERE artifact_id = $1 AND principal_id = $2 AND revoked_at_ms IS NULL"
+        " AND (expires_at_ms IS NULL OR expires_at_ms > $3)",
+        artifact_id,
+        principal_id,
+        now_ms,
+    )
+    return found is not None
+
+
+async def _visible(
+    conn: Connection, principal: Principal, artifact_id: str, now_ms: int | None = None
+) -> Artifact:
+    """The artifact if `principal` may see it. Grants count only when the time (`now_ms`) is known."""
+    artifact = await _artifact(conn, artifact_id)
+    visible = artifact is not None and (
+        may_see(principal, artifact)
+        or (now_ms is not None and await has_active_grant(conn, artifact_id, principal.id, now_ms))
+    )
+    # Not visible and not there answer alike: an id reveals nothing about another organisation.
+    if artifact is None or not visible:
+        raise NotFound(f"no artifact {artifact_id!r}")
+    return artifact
+
+
+async def _files(conn: Connection, artifact_id: str) -> list[ArtifactFile]:
+    rows = await conn.fetchall(
+        "SELECT * FROM artifact_files WHERE artifact_id = $1 ORDER BY idx", artifact_id
+    )
+    return [ArtifactFile.from_row(r) for r in rows]
+
+
+async def _digests(conn: Connection, artifact_id: str) -> dict[int, dict[int, bytes]]:
+    rows = await conn.fetchall(
+        "SELECT file_idx, number, sha256 FROM artifact_parts WHERE artifact_id = $1", artifact_id
+    )
+    out: dict[int, dict[int, bytes]] = {}
+    for r in rows:
+        out.setdefault(r["file_idx"], {})[r["number"]] = bytes(r["sha256"])
+    return out
+
+
+async def get(
+    db: Database, principal: Principal, artifact_id: str, *, now_ms: int | None = None
+) -> tuple[Artifact, list[ArtifactFile]]:
+    async with db.read() as conn:
+        artifact = await _visible(conn, principal, artifact_id, now_ms)
+        return artifact, await _files(conn, artifact_id)
+
+
+async def list_artifacts(
+    db: Database, principal: Principal, *, status: str | None, limit: int, after: tuple[int, str] | None
+) -> list[Artifact]:
+    """The caller's organisation's artifacts (every one for admins and auditors), newest first.
+
+    `after` is the (created_at_ms, id) of the last artifact of the previous page.
+    """
+    everyone = principal.role in ("admin", "auditor")
+    after_ms, after_id = after if after else (None, None)
+    rows = await db.fetchall(
+        _SELECT + " WHERE ($1 OR a.org_id = $2) AND (CAST($3 AS TEXT) IS NULL OR a.status = $3)"
+        " AND (CAST($4 AS BIGINT) IS NULL OR a.created_at_ms < $4 OR (a.created_at_ms = $4 AND a.id < $5))"
+        " ORDER BY a.created_at_ms DESC, a.id DESC LIMIT $6",
+        everyone,
+        principal.org_id,
+        status,
+        after_ms,
+        after_id,
+        limit,
+    )
+    return [Artifact.from_row(r) for r in rows]
+
+
+async def upload_status(
+    db: Database, storage: Storage, principal: Principal, artifact_id: str
+) -> tuple[Artifact, list[ArtifactFile], dict[int, dict[int, bytes]], dict[int, list[Part]]]:
+    """What a resuming uploader needs: files, recorded part digests, parts storage holds."""
+    async with db.read() as conn:
+        artifact = await _visible(conn, principal, artifact_id)
+        require_uploader(principal, artifact)
+        files = await _files(conn, artifact_id)
+        digests = await _digests(conn, artifact_id)
+    stored: dict[int, list[Part]] = {}
+    for f in files:
+        if f.upload_id is not None:
+            unique = {p.number: p for p in await storage.list_parts(f.object_key, f.upload_id)}
+            stored[f.idx] = [unique[n] for n in sorted(unique)]
+    return artifact, files, digests, stored
+
+
+async def get_header(
+    db: Database,
+    audit: AuditLog,
+    ctx: Context,
+    principal: Principal,
+    artifact_id: str,
+    *,
+    now_ms: int | None = None,
+) -> tuple[Artifact, bytes]:
+    """The caller's own age header for the artifact; reading it is an audited access."""
+    async with db.transaction() as conn:
+        artifact = await _visible(conn, principal, artifact_id, now_ms)
+        if artifact.status == "aborted":
+            raise Conflict("the artifact's upload was aborted", code="artifact-aborted")
+        header = await conn.fetchval(
+            "SELECT header FROM artifact_headers WHERE artifact_id = $1 AND principal_id = $2",
+            artifact_id,
+            principal.id,
+        )
+        if header is None:
+            raise PermissionDenied(
+                f"{principal.name} is not a recipient of artifact {artifact_id}", code="not-a-recipient"
+            )
+        await audit.append(
+            conn, ctx, action="artifact.header", resource={"type": "artifact", "id": artifact_id}
+        )
+    return artifact, bytes(header)
+
+
+async def download_urls(
+    db: Database,
+    storage: Storage,
+    audit: AuditLog,
+    ctx: Context,
+    principal: Principal,
+    artifact_id: str,
+    *,
+    ttl_s: int,
+    now_ms: int | None = None,
+) -> tuple[Artifact, list[ArtifactFile], dict[int, dict[int, bytes]], dict[int, str]]:
+    """Presigned GETs for every file of a complete artifact, for its recipients; audited."""
+    async with db.transaction() as conn:
+        artifact = await _visible(conn, principal, artifact_id, now_ms)
+        if artifact.status != "complete":
+            raise Conflict(
+                f"the artifact is {artifact.status}, not complete", code=f"artifact-{artifact.status}"
+            )
+        recipient = await conn.fetchval(
+            "SELECT principal_id FROM artifact_headers WHERE artifact_id = $1 AND principal_id = $2",
+            artifact_id,
+            principal.id,
+        )
+        if recipient is None:
+            raise PermissionDenied(
+                f"{principal.name} is not a recipient of artifact {artifact_id}", code="not-a-recipient"
+            )
+        files = await _files(conn, artifact_id)
+        digests = await _digests(conn, artifact_id)
+        await audit.append(
+            conn,
+            ctx,
+            action="artifact.download",
+            resource={"type": "artifact", "id": artifact_id},
+            details={"files": len(files), "ttl_s": ttl_s},
+        )
+    urls = {f.idx: storage.presign_get(f.object_key, ttl_s=ttl_s) for f in files}
+    return artifact, files, digests, urls
+
+
+# -- changes --------------------------------------------------------------------------------------
+
+
+async def create(
+    db: Database,
+    audit: AuditLog,
+    ctx: Context,
+    principal: Principal,
+    *,
+    name: str,
+    kind: str,
+    files: Sequence[FileDeclaration],
+    headers: dict[str, bytes],
+    limits: Limits,
+    now_ms: int,
+) -> tuple[Artifact, list[ArtifactFile]]:
+    """Start an upload: record the files and the recipients' headers; storage is touched later."""
+    require_role(principal, "developer")
+    if kind not in KINDS:
+        raise ValidationError(f"kind must be one of: {', '.join(KINDS)}", field="kind")
+    if len(files) > limits.max_files:
+        raise ValidationError(f"an artifact holds at most {limits.max_files} files")
+    paths = check_paths(f.path for f in files)
+    total = sum(f.size for f in files)
+    if total > limits.max_bytes:
+        raise ValidationError(f"the artifact is {total} bytes, over the limit of {limits.max_bytes}")
+    for f in files:
+        if len(f.nonce) != age.NONCE_SIZE:
+            raise ValidationError(f"the nonce of {f.path!r} must be {age.NONCE_SIZE} bytes")
+    if len({f.nonce for f in files}) != len(files):
+        raise ValidationError("two files share a payload nonce; each file needs its own")
+    part_size = choose_part_size(max(f.size for f in files), min_part_bytes=limits.min_part_bytes)
+    for who, raw in headers.items():
+        check_header(raw, who)
+    by_path = {f.path: f for f in files}
+    artifact_id = new_id("art")
+    async with db.transaction() as conn:
+        developers = await conn.fetchall(
+            "SELECT id, name FROM principals WHERE org_id = $1 AND status = 'active' AND role = 'developer'",
+            principal.org_id,
+        )
+        wanted = {r["name"]: r["id"] for r in developers} | {principal.name: principal.id}
+        missing = sorted(set(wanted) - set(headers))
+        if missing:
+            raise Conflict(
+                f"headers are missing for: {', '.join(missing[:10])} (every active developer of the"
+                " organisation, and the uploader, must be able to read its artifacts)",
+                code="headers-incomplete",
+                missing=missing[:100],
+            )
+        unknown = sorted(set(headers) - set(wanted))
+        if unknown:
+            raise ValidationError(
+                f"headers name principals that are not active developers of {principal.org_name}:"
+                f" {', '.join(unknown[:10])}",
+                code="headers-unknown",
+            )
+        await conn.execute(
+            "INSERT INTO artifacts (id, org_id, name, kind, status, created_by, created_at_ms, part_size,"
+            " file_count, plaintext_bytes) VALUES ($1, $2, $3, $4, 'uploading', $5, $6, $7, $8, $9)",
+            artifact_id,
+            principal.org_id,
+            name,
+            kind,
+            principal.id,
+            now_ms,
+            part_size,
+            len(files),
+            total,
+        )
+        for idx, path in enumerate(paths):
+            f = by_path[path]
+            await conn.execute(
+                "INSERT INTO artifact_files (artifact_id, idx, path, plaintext_size, ciphertext_size,"
+                " part_count, payload_nonce, object_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                artifact_id,
+                idx,
+                path,
+                f.size,
+                age.ciphertext_size(f.size),
+                len(part_ranges(f.size, part_size)),
+                f.nonce,
+                new_object_key("artifacts"),
+            )
+        for who, raw in sorted(headers.items()):
+            await conn.execute(
+                "INSERT INTO artifact_headers (artifact_id, principal_id, header, created_at_ms)"
+                " VALUES ($1, $2, $3, $4)",
+                artifact_id,
+                wanted[who],
+                raw,
+                now_ms,
+            )
+        await audit.append(
+            conn,
+            ctx,
+            action="artifact.create",
+            resource={"type": "artifact", "id": artifact_id},
+            details={
+                "name": name,
+                "kind": kind,
+                "files": len(files),
+                "bytes": total,
+                "recipients": sorted(headers),
+            },
+        )
+        artifact = await _artifact(conn, artifact_id)
+        assert artifact is not None
+        return artifact, await _files(conn, artifact_id)
+
+
+async def _ensure_upload(db: Database, storage: Storage, artifact_id: str, f: ArtifactFile) -> str:
+    """The file's multipart upload, created on first need. Two racing requests keep one."""
+    if f.upload_id is not None:
+        return f.upload_id
+    upload_id = await storage.create_multipart(f.object_key)
+    async with db.transaction() as conn:
+        won = await conn.execute(
+            "UPDATE artifact_files SET upload_id = $1"
+            " WHERE artifact_id = $2 AND idx = $3 AND upload_id IS NULL",
+            upload_id,
+            artifact_id,
+            f.idx,
+        )
+        current = await conn.fetchval(
+            "SELECT upload_id FROM artifact_files WHERE artifact_id = $1 AND idx = $2", artifact_id, f.idx
+        )
+    if won != 1:
+        await storage.abort_multipart(f.object_key, upload_id)
+    return str(current)
+
+
+async def issue_part_urls(
+    db: Database,
+    storage: Storage,
+    audit: AuditLog,
+    ctx: Context,
+    principal: Principal,
+    artifact_id: str,
+    requests: Sequence[tuple[int, int, bytes]],
+    *,
+    limits: Limits,
+    ttl_s: int,
+) -> list[PartURL]:
+    """Record each (file, part number, SHA-256) and answer with URLs bound to size and digest.
+
+    A part's digest is fixed by the first request that names it (the ciphertext is a function of
+    the plaintext, the file key and the nonce, all fixed at creation); naming another is refused.
+    """
+    if not requests:
+        raise ValidationError("ask for at least one part")
+    if len(requests) > limits.max_part_urls:
+        raise ValidationError(f"ask for at most {limits.max_part_urls} part URLs at a time")
+    if len({(f, n) for f, n, _ in requests}) != len(requests):
+        raise ValidationError("the same part is asked for twice in one request")
+    async with db.transaction() as conn:
+        artifact = await _visible(conn, principal, artifact_id)
+        require_uploader(principal, artifact)
+        files = {f.idx: f for f in await _files(conn, artifact_id)}
+        recorded = await _digests(conn, artifact_id)
+        sizes: dict[tuple[int, int], int] = {}
+        new: list[tuple[int, int, int, bytes]] = []
+        for file_idx, number, digest in requests:
+            f = files.get(file_idx)
+            if f is None:
+                raise ValidationError(f"the artifact has no file {file_idx}")
+            if not 1 <= number <= f.part_count:
+                raise ValidationError(f"{f.path!r} has parts 1 to {f.part_count}, not {number}")
+            size = part_ranges(f.plaintext_size, artifact.part_size)[number - 1].size
+            sizes[(file_idx, number)] = size
+            known = recorded.get(file_idx, {}).get(number)
+            if known is None:
+                new.append((file_idx, number, size, digest))
+            elif known != digest:
+                raise Conflict(
+                    f"{f.path!r}: part {number} was started with other content; the local file changed"
+                    " since this upload began (abort it and upload again)",
+                    code="part-digest-changed",
+                    path=f.path,
+                    part=number,
+                )
+        for file_idx, number, size, digest in new:
+            await conn.execute(
+                "INSERT INTO artifact_parts (artifact_id, file_idx, number, size, sha256)"
+                " VALUES ($1, $2, $3, $4, $5)",
+                artifact_id,
+                file_idx,
+                number,
+                size,
+                digest,
+            )
+        if new:
+            await audit.append(
+                conn,
+                ctx,
+                action="artifact.parts",
+                resource={"type": "artifact", "id": artifact_id},
+                details={"recorded": len(new), "requested": len(requests)},
+            )
+    uploads = {}
+    for file_idx in sorted({f for f, _, _ in requests}):
+        uploads[file_idx] = await _ensure_upload(db, storage, artifact_id, files[file_idx])
+    out = []
+    for file_idx, number, digest in requests:
+        f = files[file_idx]
+        request = storage.presign_upload_part(
+            f.object_key,
+            uploads[file_idx],
+            number,
+            ttl_s=ttl_s,
+            content_length=sizes[(file_idx, number)],
+            checksum_sha256=base64.b64encode(digest).decode("ascii"),
+        )
+        out.append(PartURL(file=file_idx, number=number, size=sizes[(file_idx, number)], request=request))
+    return out
+
+
+async def _assemble(storage: Storage, artifact: Artifact, f: ArtifactFile, digests: dict[int, bytes]) -> None:
+    """Complete one file's multipart upload after checking what storage holds."""
+    ranges = part_ranges(f.plaintext_size, artifact.part_size)
+    if f.upload_id is None:
+        raise Conflict(f"{f.path!r}: no part has been uploaded", code="parts-missing")
+    try:
+        stored = await storage.list_parts(f.object_key, f.upload_id)
+    except NotFound:
+        # Already assembled by an earlier completion that failed later on: the object stands.
+        info = await storage.head(f.object_key)
+        if info is not None and info.size == f.ciphertext_size:
+            return
+        raise Conflict(f"{f.path!r}: the upload is gone from storage", code="upload-gone") from None
+    parts = check_stored_parts(f, stored, ranges)
+    with_digests = [
+        Part(
+            number=p.number,
+            size=p.size,
+            etag=p.etag,
+            checksum_sha256=base64.b64encode(digests[p.number]).decode(),
+        )
+        for p in parts
+    ]
+    try:
+        await storage.complete_multipart(f.object_key, f.upload_id, with_digests)
+    except Conflict as exc:
+        raise Conflict(
+            f"{f.path!r}: storage refused to assemble the parts ({exc.message}): a stored part does not"
+            " match the digest its URL was issued for",
+            code="part-digest-mismatch",
+        ) from exc
+    info = await storage.head(f.object_key)
+    if info is None or info.size != f.ciphertext_size:
+        raise Conflict(f"{f.path!r}: the assembled object has the wrong size", code="part-size-mismatch")
+
+
+async def complete(
+    db: Database,
+    storage: Storage,
+    audit: AuditLog,
+    ctx: Context,
+    principal: Principal,
+    artifact_id: str,
+    *,
+    manifest_json: Any,
+    signature: bytes,
+    now_ms: int,
+) -> Artifact:
+    """Verify the signed manifest against the records and storage, assemble, mark complete."""
+    async with db.read() as conn:
+        artifact = await _visible(conn, principal, artifact_id)
+        require_uploader(principal, artifact)
+        files = await _files(conn, artifact_id)
+        digests = await _digests(conn, artifact_id)
+    manifest = Manifest.from_json(manifest_json)
+    manifest.verify(signature, principal.signing_public_key)
+    check_manifest(manifest, artifact, principal, files, digests)
+    for f in files:
+        await _assemble(storage, artifact, f, digests[f.idx])
+    canonical = manifest.canonical()
+    async with db.transaction() as conn:
+        done = await conn.execute(
+            "UPDATE artifacts SET status = 'complete', finished_at_ms = $1, manifest = $2,"
+            " manifest_signature = $3, manifest_sha256 = $4 WHERE id = $5 AND status = 'uploading'",
+            now_ms,
+            canonical,
+            signature,
+            manifest.digest(),
+            artifact_id,
+        )
+        if done != 1:
+            raise Conflict("the upload was completed or aborted meanwhile", code="artifact-not-uploading")
+        await conn.execute("UPDATE artifact_files SET upload_id = NULL WHERE artifact_id = $1", artifact_id)
+        await audit.append(
+            conn,
+            ctx,
+            action="artifact.complete",
+            resource={"type": "artifact", "id": artifact_id, "sha256": manifest.digest().hex()},
+            details={"files": len(files), "bytes": artifact.plaintext_bytes},
+        )
+        final = await _artifact(conn, artifact_id)
+    assert final is not None
+    return final
+
+
+async def _remove_from_storage(storage: Storage, files: Sequence[ArtifactFile]) -> None:
+    for f in files:
+        if f.upload_id is not None:
+            with contextlib.suppress(NotFound):
+                await storage.abort_multipart(f.object_key, f.upload_id)
+        # A file assembled before the rest failed is an object already.
+        await storage.delete(f.object_key)
+
+
+async def abort(
+    db: Database,
+    storage: Storage,
+    audit: AuditLog,
+    ctx: Context,
+    principal: Principal,
+    artifact_id: str,
+    now_ms: int,
+) -> Artifact:
+    """The uploader gives up: parts removed from storage, the artifact marked aborted."""
+    async with db.read() as conn:
+        artifact = await _visible(conn, principal, artifact_id)
+        require_uploader(principal, artifact)
+    return await _abort(db, storage, audit, ctx, artifact, now_ms, action="artifact.abort")
+
+
+async def _abort(
+    db: Database,
+    storage: Storage,
+    audit: AuditLog,
+    ctx: Context,
+    artifact: Artifact,
+    now_ms: int,
+    *,
+    action: str,
+) -> Artifact:
+    async with db.transaction() as conn:
+        changed = await conn.execute(
+            "UPDATE artifacts SET status = 'aborted', finished_at_ms = $1"
+            " WHERE id = $2 AND status = 'uploading'",
+            now_ms,
+            artifact.id,
+        )
+        if changed != 1:
+            raise Conflict("the upload was completed or aborted meanwhile", code="artifact-not-uploading")
+        files = await _files(conn, artifact.id)
+        await audit.append(
+            conn,
+            ctx,
+            action=action,
+            resource={"type": "artifact", "id": artifact.id},
+            details={"files": len(files), "age_ms": now_ms - artifact.created_at_ms},
+        )
+    # After the commit: a failure here leaves parts that the store's own lifecycle or a later
+    # sweep removes, never an artifact that claims to be live without its parts.
+    try:
+        await _remove_from_storage(storage, files)
+    except ExchangeError as exc:
+        log.warning("artifact %s aborted, but removing its parts failed: %s", artifact.id, exc.code)
+    async with db.read() as conn:
+        final = await _artifact(conn, artifact.id)
+    assert final is not None
+    return final
+
+
+async def sweep_abandoned(
+    db: Database, storage: Storage, audit: AuditLog, *, now_ms: int, abandon_after_s: int, limit: int = 100
+) -> list[str]:
+    """Abort uploads started more than `abandon_after_s` ago; return their ids."""
+    cutoff = now_ms - abandon_after_s * 1000
+    rows = await db.fetchall(
+        _SELECT + " WHERE a.status = 'uploading' AND a.created_at_ms <= $1 ORDER BY a.created_at_ms LIMIT $2",
+        cutoff,
+        limit,
+    )
+    aborted = []
+    for row in rows:
+        artifact = Artifact.from_row(row)
+        try:
+            await _abort(
+                db, storage, audit, Context(actor=SYSTEM), artifact, now_ms, action="artifact.abandon"
+            )
+        except Conflict:
+            continue  # completed or aborted meanwhile
+        aborted.append(artifact.id)
+    return aborted
+
+
+def manifest_of(artifact: Artifact) -> tuple[Manifest, bytes] | None:
+    if artifact.manifest is None or artifact.manifest_signature is None:
+        return None
+    try:
+        return Manifest.from_canonical(artifact.manifest), artifact.manifest_signature
+    except ManifestError:  # pragma: no cover - stored only after it parsed
+        return None

@@ -1,0 +1,644 @@
+"""Download links: capabilities for one artifact, bound to one recipient, expiring and countable.
+
+A link's token (`exl1_` + 32 random bytes in unpadded base64url) is shown once, to its creator;
+the service keeps only its SHA-256, so a stolen database yields no working link. A token that
+does not parse is refused before anything is looked up (`parse_token`).
+
+Redeeming needs no request signature — the link is the capability — and gives nothing readable:
+the age header is wrapped for the bound recipient alone, so a leaked link is useless without
+that recipient's key. Every redemption and every refusal is an audit event with the source IP
+and user agent; refusals of a token name their precise reason in the log, while the answer is
+the same for every state (unknown, expired, revoked, used up, grant gone), so an answer never
+tells whether a token ever existed.
+
+Counting. A download is a *session*: opening one is the counted act, a guarded
+`UPDATE links SET downloads = downloads + 1 WHERE … AND downloads < max_downloads`, so of
+several racers for the last count exactly one wins. A session's later requests (headers, file
+URLs, fresh URLs for a long download, the receipt) carry its id and are not counted again; a
+bare file request without a session opens one.
+
+The decisions (`check_link`, `check_range`) are plain functions over records; the rest fetches
+and persists around them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from nacl.exceptions import BadSignatureError
+from nacl.signing import VerifyKey
+
+from ..db import Connection, Database, Row
+from ..errors import Conflict, ExchangeError, InputError, NotFound, PermissionDenied, ValidationError
+from ..storage import Storage
+from .artifacts import Artifact, ArtifactFile, _artifact, _digests, _files, _visible, has_active_grant
+from .audit import AuditLog, Context
+from .grants import require_owner
+from .principals import Principal, get_principal, new_id
+
+__all__ = [
+    "TOKEN_PREFIX",
+    "Link",
+    "LinkRefused",
+    "RangeNotSatisfiable",
+    "Redemption",
+    "check_link",
+    "check_range",
+    "create",
+    "file_url",
+    "hash_token",
+    "header",
+    "list_links",
+    "new_token",
+    "open_session",
+    "parse_token",
+    "receipt",
+    "resolve",
+    "revoke",
+]
+
+TOKEN_PREFIX = "exl1_"  # noqa: S105 - a prefix, not a secret
+_TOKEN_BYTES = 32
+_TOKEN = re.compile(r"exl1_[A-Za-z0-9_-]{43}")
+_SESSION = re.compile(r"ses_[0-9a-f]{32}")
+
+
+class LinkRefused(NotFound):
+    """The one answer for every link that cannot be redeemed now. `reason` goes to the log only."""
+
+    code = "link-unavailable"
+
+    def __init__(self, reason: str, *, link_id: str | None = None) -> None:
+        super().__init__(
+            "this link cannot be used: it is unknown, expired, revoked or used up (ask its sender for"
+            " a new one)"
+        )
+        self.reason = reason
+        self.link_id = link_id
+
+
+class RangeNotSatisfiable(InputError):
+    status = 416
+    code = "range-not-satisfiable"
+    title = "Range not satisfiable"
+
+
+# -- tokens ---------------------------------------------------------------------------------------
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + base64.urlsafe_b64encode(secrets.token_bytes(_TOKEN_BYTES)).rstrip(b"=").decode()
+
+
+def parse_token(text: str) -> bytes:
+    """The token's SHA-256, if `text` is a canonical token; LinkRefused('link-malformed') if not.
+
+    Pure: nothing is looked up for a token that does not parse."""
+    if not _TOKEN.fullmatch(text):
+        raise LinkRefused("link-malformed")
+    body = text[len(TOKEN_PREFIX) :]
+    try:
+        raw = base64.urlsafe_b64decode(body + "=")
+    except (binascii.Error, ValueError):  # pragma: no cover - the pattern admits only the alphabet
+        raise LinkRefused("link-malformed") from None
+    # 43 characters carry 258 bits: the last two must be zero, or two texts would name one token.
+    if len(raw) != _TOKEN_BYTES or base64.urlsafe_b64encode(raw).rstrip(b"=").decode() != body:
+        raise LinkRefused("link-malformed")
+    return hash_token(text)
+
+
+def hash_token(token: str) -> bytes:
+    return hashlib.sha256(token.encode("ascii")).digest()
+
+
+# -- records and decisions ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Link:
+    id: str
+    artifact_id: str
+    artifact_name: str
+    recipient_name: str
+    created_by_name: str
+    created_at_ms: int
+    expires_at_ms: int
+    max_downloads: int | None
+    downloads: int
+    revoked_at_ms: int | None
+
+    @classmethod
+    def from_row(cls, row: Row) -> Link:
+        return cls(
+            id=row["id"],
+            artifact_id=row["artifact_id"],
+            artifact_name=row["artifact_name"],
+            recipient_name=row["recipient_name"],
+            created_by_name=row["created_by_name"],
+            created_at_ms=row["created_at_ms"],
+            expires_at_ms=row["expires_at_ms"],
+            max_downloads=row["max_downloads"],
+            downloads=row["downloads"],
+            revoked_at_ms=row["revoked_at_ms"],
+        )
+
+    def to_json(self, now_ms: int) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "artifact": self.artifact_id,
+            "artifact_name": self.artifact_name,
+            "recipient": self.recipient_name,
+            "created_by": self.created_by_name,
+            "created_at_ms": self.created_at_ms,
+            "expires_at_ms": self.expires_at_ms,
+            "max_downloads": self.max_downloads,
+            "downloads": self.downloads,
+            "revoked_at_ms": self.revoked_at_ms,
+            "state": self.state(now_ms),
+        }
+
+    def state(self, now_ms: int) -> str:
+        if self.revoked_at_ms is not None:
+            return "revoked"
+        if self.expires_at_ms <= now_ms:
+            return "expired"
+        if self.max_downloads is not None and self.downloads >= self.max_downloads:
+            return "used"
+        return "active"
+
+
+@dataclass(frozen=True)
+class LinkRecord:
+    """A link as redemption sees it: with its artifact's state and its recipient's grant."""
+
+    id: str
+    artifact_id: str
+    recipient: Principal
+    expires_at_ms: int
+    max_downloads: int | None
+    downloads: int
+    revoked_at_ms: int | None
+    artifact_status: str
+    artifact_org_id: str
+    grant_expires_at_ms: int | None
+    grant_revoked_at_ms: int | None
+    has_grant: bool
+
+
+def check_link(link: LinkRecord, now_ms: int, *, counting: bool) -> None:
+    """May this link be redeemed now? Raise LinkRefused with the precise reason if not.
+
+    `counting`: the request would open a new download session, so the count must allow one."""
+
+    def refuse(reason: str) -> LinkRefused:
+        return LinkRefused(reason, link_id=link.id)
+
+    if link.revoked_at_ms is not None:
+        raise refuse("link-revoked")
+    if link.expires_at_ms <= now_ms:
+        raise refuse("link-expired")
+    if link.recipient.status != "active":
+        raise refuse("recipient-disabled")
+    if link.artifact_status != "complete":
+        raise refuse(f"artifact-{link.artifact_status}")
+    if link.recipient.org_id != link.artifact_org_id:
+        if not link.has_grant:
+            raise refuse("grant-missing")
+        if link.grant_revoked_at_ms is not None:
+            raise refuse("grant-revoked")
+        if link.grant_expires_at_ms is not None and link.grant_expires_at_ms <= now_ms:
+            raise refuse("grant-expired")
+    if counting and link.max_downloads is not None and link.downloads >= link.max_downloads:
+        raise refuse("link-exhausted")
+
+
+_RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")
+
+
+def check_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The first and last byte a Range header asks for, within `size`; None for no Range.
+
+    A single range only (our clients and curl send one); one starting at or past the end is
+    RangeNotSatisfiable, as is one that does not parse."""
+    if header is None:
+        return None
+    match = _RANGE.fullmatch(header.strip())
+    if match is None or match.group(1) == match.group(2) == "":
+        raise RangeNotSatisfiable("only one byte range of the form bytes=FIRST-LAST is served")
+    first_s, last_s = match.groups()
+    if first_s == "":
+        suffix = int(last_s)
+        if suffix == 0 or size == 0:
+            raise RangeNotSatisfiable(f"the range asks for nothing of a {size}-byte object", size=size)
+        return max(0, size - suffix), size - 1
+    first = int(first_s)
+    last = size - 1 if last_s == "" else int(last_s)
+    if last < first:
+        raise RangeNotSatisfiable("the range ends before it starts", size=size)
+    if first >= size:
+        raise RangeNotSatisfiable(f"the range starts at byte {first}, past the end ({size} bytes)", size=size)
+    return first, min(last, size - 1)
+
+
+# -- reads ----------------------------------------------------------------------------------------
+
+_LINK_SELECT = (
+    "SELECT l.*, a.name AS artifact_name, r.name AS recipient_name, c.name AS created_by_name"
+    " FROM links l JOIN artifacts a ON a.id = l.artifact_id JOIN principals r ON r.id = l.recipient_id"
+    " JOIN principals c ON c.id = l.created_by"
+)
+
+_RECORD_SELECT = (
+    "SELECT l.id, l.artifact_id, l.expires_at_ms, l.max_downloads, l.downloads, l.revoked_at_ms,"
+    " a.status AS artifact_status, a.org_id AS artifact_org_id,"
+    " g.expires_at_ms AS grant_expires_at_ms, g.revoked_at_ms AS grant_revoked_at_ms,"
+    " g.principal_id AS grant_principal,"
+    " r.id AS r_id, r.name AS r_name, r.org_id AS r_org_id, o.name AS r_org_name, r.role AS r_role,"
+    " r.key_id AS r_key_id, r.signing_public_key AS r_signing_public_key,"
+    " r.age_recipient AS r_age_recipient, r.status AS r_status, r.created_at_ms AS r_created_at_ms"
+    " FROM links l JOIN artifacts a ON a.id = l.artifact_id"
+    " JOIN principals r ON r.id = l.recipient_id JOIN orgs o ON o.id = r.org_id"
+    " LEFT JOIN grants g ON g.artifact_id = l.artifact_id AND g.principal_id = l.recipient_id"
+    " WHERE l.token_sha256 = $1"
+)
+
+
+def _record(row: Row) -> LinkRecord:
+    recipient = Principal.from_row({k[2:]: v for k, v in row.items() if k.startswith("r_")})
+    return LinkRecord(
+        id=row["id"],
+        artifact_id=row["artifact_id"],
+        recipient=recipient,
+        expires_at_ms=row["expires_at_ms"],
+        max_downloads=row["max_downloads"],
+        downloads=row["downloads"],
+        revoked_at_ms=row["revoked_at_ms"],
+        artifact_status=row["artifact_status"],
+        artifact_org_id=row["artifact_org_id"],
+        grant_expires_at_ms=row["grant_expires_at_ms"],
+        grant_revoked_at_ms=row["grant_revoked_at_ms"],
+        has_grant=row["grant_principal"] is not None,
+    )
+
+
+@dataclass(frozen=True)
+class Redemption:
+    """What a redeemable link opens: the link, its artifact and files, and (if any) the session."""
+
+    link: LinkRecord
+    artifact: Artifact
+    files: list[ArtifactFile]
+    digests: dict[int, dict[int, bytes]]
+    session: str | None = None
+
+
+async def _resolve(
+    conn: Connection, token_hash: bytes, now_ms: int, *, counting: bool
+) -> tuple[LinkRecord, Artifact]:
+    row = await conn.fetchone(_RECORD_SELECT, token_hash)
+    if row is None:
+        raise LinkRefused("link-unknown")
+    record = _record(row)
+    check_link(record, now_ms, counting=counting)
+    artifact = await _artifact(conn, record.artifact_id)
+    assert artifact is not None
+    return record, artifact
+
+
+async def resolve(db: Database, token_hash: bytes, now_ms: int) -> Redemption:
+    """The link, its artifact and files, if redeemable now (not counted, not audited)."""
+    async with db.read() as conn:
+        record, artifact = await _resolve(conn, token_hash, now_ms, counting=False)
+        return Redemption(
+            record, artifact, await _files(conn, artifact.id), await _digests(conn, artifact.id)
+        )
+
+
+async def _session_of(conn: Connection, record: LinkRecord, session: str) -> str:
+    if not _SESSION.fullmatch(session):
+        raise LinkRefused("session-malformed", link_id=record.id)
+    found = await conn.fetchval(
+        "SELECT id FROM link_sessions WHERE id = $1 AND link_id = $2", session, record.id
+    )
+    if found is None:
+        raise LinkRefused("session-unknown", link_id=record.id)
+    return str(found)
+
+
+async def _open(conn: Connection, audit: AuditLog, ctx: Context, record: LinkRecord, now_ms: int) -> str:
+    """Count one download and open its session, or refuse: of racers for the last count, one wins."""
+    won = await conn.execute(
+        "UPDATE links SET downloads = downloads + 1 WHERE id = $1 AND revoked_at_ms IS NULL"
+        " AND expires_at_ms > $2 AND (max_downloads IS NULL OR downloads < max_downloads)",
+        record.id,
+        now_ms,
+    )
+    if won != 1:
+        raise LinkRefused("link-exhausted", link_id=record.id)
+    session = "ses_" + secrets.token_hex(16)
+    await conn.execute(
+        "INSERT INTO link_sessions (id, link_id, opened_at_ms) VALUES ($1, $2, $3)",
+        session,
+        record.id,
+        now_ms,
+    )
+    downloads = await conn.fetchval("SELECT downloads FROM links WHERE id = $1", record.id)
+    await audit.append(
+        conn,
+        ctx,
+        action="link.session",
+        resource={"type": "artifact", "id": record.artifact_id},
+        details={
+            "link": record.id,
+            "recipient": record.recipient.name,
+            "session": session,
+            "downloads": int(downloads),
+            "max_downloads": record.max_downloads,
+        },
+    )
+    return session
+
+
+async def open_session(
+    db: Database, audit: AuditLog, ctx: Context, token_hash: bytes, now_ms: int, *, session: str | None
+) -> Redemption:
+    """Open a counted download session, or (with `session`) continue one without counting."""
+    async with db.transaction() as conn:
+        record, artifact = await _resolve(conn, token_hash, now_ms, counting=session is None)
+        if session is None:
+            session = await _open(conn, audit, ctx, record, now_ms)
+        else:
+            session = await _session_of(conn, record, session)
+            await audit.append(
+                conn,
+                ctx,
+                action="link.renew",
+                resource={"type": "artifact", "id": record.artifact_id},
+                details={"link": record.id, "session": session},
+            )
+        files = await _files(conn, artifact.id)
+        digests = await _digests(conn, artifact.id)
+    return Redemption(record, artifact, files, digests, session)
+
+
+async def header(
+    db: Database, audit: AuditLog, ctx: Context, token_hash: bytes, now_ms: int
+) -> tuple[LinkRecord, bytes]:
+    """The bound recipient's age header; not counted (it opens nothing without the payload)."""
+    async with db.transaction() as conn:
+        record, _ = await _resolve(conn, token_hash, now_ms, counting=False)
+        raw = await conn.fetchval(
+            "SELECT header FROM artifact_headers WHERE artifact_id = $1 AND principal_id = $2",
+            record.artifact_id,
+            record.recipient.id,
+        )
+        if raw is None:
+            raise LinkRefused("not-a-recipient", link_id=record.id)
+        await audit.append(
+            conn,
+            ctx,
+            action="link.header",
+            resource={"type": "artifact", "id": record.artifact_id},
+            details={"link": record.id, "recipient": record.recipient.name},
+        )
+    return record, bytes(raw)
+
+
+async def file_url(
+    db: Database,
+    storage: Storage,
+    audit: AuditLog,
+    ctx: Context,
+    token_hash: bytes,
+    now_ms: int,
+    *,
+    index: int,
+    session: str | None,
+    range_header: str | None,
+    ttl_s: int,
+) -> tuple[str, str]:
+    """A presigned GET for one file (checked against the Range asked for); return (url, session).
+
+    Without a session, this request opens (and counts) one."""
+    async with db.transaction() as conn:
+        record, artifact = await _resolve(conn, token_hash, now_ms, counting=session is None)
+        files = {f.idx: f for f in await _files(conn, artifact.id)}
+        f = files.get(index)
+        if f is None:
+            raise NotFound(f"the artifact has files 0 to {len(files) - 1}, not {index}", code="no-such-file")
+        byte_range = check_range(range_header, f.ciphertext_size)
+        if session is None:
+            session = await _open(conn, audit, ctx, record, now_ms)
+        else:
+            session = await _session_of(conn, record, session)
+        await audit.append(
+            conn,
+            ctx,
+            action="link.file",
+            resource={"type": "artifact", "id": record.artifact_id},
+            details={
+                "link": record.id,
+                "session": session,
+                "file": index,
+                "range": None if byte_range is None else f"{byte_range[0]}-{byte_range[1]}",
+                "ttl_s": ttl_s,
+            },
+        )
+    return storage.presign_get(f.object_key, ttl_s=ttl_s), session
+
+
+async def receipt(
+    db: Database,
+    audit: AuditLog,
+    ctx: Context,
+    token_hash: bytes,
+    now_ms: int,
+    *,
+    session: str,
+    signature: bytes,
+) -> dict[str, Any]:
+    """Record the recipient's signed receipt of a session's download: the end of custody.
+
+    The signature is the recipient's Ed25519 signature over the artifact's manifest digest
+    (SHA-256 of the canonical signed manifest), checked against the recipient's registered key.
+    A link's receipts stay acceptable after it expires or is used up: the download happened."""
+    async with db.transaction() as conn:
+        row = await conn.fetchone(_RECORD_SELECT, token_hash)
+        if row is None:
+            raise LinkRefused("link-unknown")
+        record = _record(row)
+        session = await _session_of(conn, record, session)
+        digest = await conn.fetchval(
+            "SELECT manifest_sha256 FROM artifacts WHERE id = $1", record.artifact_id
+        )
+        try:
+            VerifyKey(record.recipient.signing_public_key).verify(bytes(digest), signature)
+        except (BadSignatureError, ValueError):
+            raise PermissionDenied(
+                f"the receipt is not signed by {record.recipient.name}, the link's recipient",
+                code="receipt-signature",
+            ) from None
+        done = await conn.execute(
+            "UPDATE link_sessions SET receipt_at_ms = $1, receipt_signature = $2"
+            " WHERE id = $3 AND receipt_at_ms IS NULL",
+            now_ms,
+            signature,
+            session,
+        )
+        if done != 1:
+            raise Conflict("this download's receipt was already recorded", code="receipt-exists")
+        details = {
+            "link": record.id,
+            "session": session,
+            "recipient": record.recipient.name,
+            "recipient_key_id": record.recipient.key_id,
+            "manifest_sha256": bytes(digest).hex(),
+            "signature": base64.b64encode(signature).decode("ascii"),
+        }
+        await audit.append(
+            conn,
+            ctx,
+            action="artifact.receipt",
+            resource={"type": "artifact", "id": record.artifact_id, "sha256": bytes(digest).hex()},
+            details=details,
+            actor=record.recipient.actor,
+        )
+    return {"artifact": record.artifact_id, "received_at_ms": now_ms} | details
+
+
+# -- management (signed) --------------------------------------------------------------------------
+
+
+async def create(
+    db: Database,
+    audit: AuditLog,
+    ctx: Context,
+    principal: Principal,
+    artifact_id: str,
+    *,
+    recipient_name: str,
+    lifetime_s: int,
+    max_lifetime_s: int,
+    max_downloads: int | None,
+    now_ms: int,
+) -> tuple[Link, str]:
+    """A new link for a granted recipient; return it and its token (shown once, never stored)."""
+    if not 0 < lifetime_s <= max_lifetime_s:
+        raise ValidationError(
+            f"a link lives between 1 second and {max_lifetime_s} seconds", code="link-lifetime"
+        )
+    if max_downloads is not None and max_downloads < 1:
+        raise ValidationError("max_downloads must be at least 1", field="max_downloads")
+    recipient = await get_principal(db, recipient_name)
+    token = new_token()
+    link_id = new_id("lnk")
+    async with db.transaction() as conn:
+        artifact = await _visible(conn, principal, artifact_id)
+        require_owner(principal, artifact)
+        if artifact.status != "complete":
+            raise Conflict(
+                f"the artifact is {artifact.status}: links are made only for complete uploads",
+                code=f"artifact-{artifact.status}",
+            )
+        if recipient.status != "active":
+            raise Conflict(f"{recipient.name} is not an active principal", code="principal-disabled")
+        needs_grant = recipient.org_id != artifact.org_id
+        if needs_grant and not await has_active_grant(conn, artifact_id, recipient.id, now_ms):
+            raise Conflict(
+                f"{recipient.name} holds no active grant of {artifact_id}: grant it first", code="not-granted"
+            )
+        has_header = await conn.fetchval(
+            "SELECT 1 FROM artifact_headers WHERE artifact_id = $1 AND principal_id = $2",
+            artifact_id,
+            recipient.id,
+        )
+        if has_header is None:
+            raise Conflict(f"{recipient.name} is not a recipient of {artifact_id}", code="not-a-recipient")
+        expires = now_ms + lifetime_s * 1000
+        await conn.execute(
+            "INSERT INTO links (id, token_sha256, artifact_id, recipient_id, created_by, created_at_ms,"
+            " expires_at_ms, max_downloads, downloads) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0)",
+            link_id,
+            hash_token(token),
+            artifact_id,
+            recipient.id,
+            principal.id,
+            now_ms,
+            expires,
+            max_downloads,
+        )
+        await audit.append(
+            conn,
+            ctx,
+            action="link.create",
+            resource={"type": "link", "id": link_id},
+            details={
+                "artifact": artifact_id,
+                "recipient": recipient.name,
+                "expires_at_ms": expires,
+                "max_downloads": max_downloads,
+            },
+        )
+        row = await conn.fetchone(_LINK_SELECT + " WHERE l.id = $1", link_id)
+    assert row is not None
+    return Link.from_row(row), token
+
+
+async def list_links(
+    db: Database, principal: Principal, *, artifact_id: str | None, limit: int
+) -> list[Link]:
+    """Links the caller may see: its organisation's artifacts' (all for admins and auditors),
+    and those bound to the caller."""
+    everyone = principal.role in ("admin", "auditor")
+    rows = await db.fetchall(
+        _LINK_SELECT + " WHERE ($1 OR a.org_id = $2 OR l.recipient_id = $3)"
+        " AND (CAST($4 AS TEXT) IS NULL OR l.artifact_id = $4) ORDER BY l.created_at_ms DESC, l.id DESC"
+        " LIMIT $5",
+        everyone,
+        principal.org_id,
+        principal.id,
+        artifact_id,
+        limit,
+    )
+    return [Link.from_row(r) for r in rows]
+
+
+async def revoke(
+    db: Database, audit: AuditLog, ctx: Context, principal: Principal, link_id: str, *, now_ms: int
+) -> Link:
+    """Revoke a link at once: every later redemption, in any session, is refused."""
+    async with db.transaction() as conn:
+        row = await conn.fetchone(_LINK_SELECT + " WHERE l.id = $1", link_id)
+        if row is None:
+            raise NotFound(f"no link {link_id!r}")
+        try:
+            artifact = await _visible(conn, principal, row["artifact_id"])
+            require_owner(principal, artifact)
+        except (NotFound, PermissionDenied):
+            raise NotFound(f"no link {link_id!r}") from None
+        changed = await conn.execute(
+            "UPDATE links SET revoked_at_ms = $1 WHERE id = $2 AND revoked_at_ms IS NULL", now_ms, link_id
+        )
+        if changed != 1:
+            raise Conflict("the link was already revoked", code="link-revoked")
+        await audit.append(
+            conn,
+            ctx,
+            action="link.revoke",
+            resource={"type": "link", "id": link_id},
+            details={"artifact": row["artifact_id"], "recipient": row["recipient_name"]},
+        )
+        final = await conn.fetchone(_LINK_SELECT + " WHERE l.id = $1", link_id)
+    assert final is not None
+    return Link.from_row(final)
+
+
+def audit_reason(exc: ExchangeError) -> str:
+    """What the log records for a refusal: the precise reason behind a uniform answer."""
+    return exc.reason if isinstance(exc, LinkRefused) else exc.code

@@ -1,0 +1,362 @@
+"""A C2SP tlog-witness: cosigns the audit log's checkpoints, refusing rollbacks and forks.
+
+`exchange witness serve` runs this as an aiohttp app of its own, typically at an auditor
+organisation, so that the log operator alone cannot show two histories: a checkpoint is
+published only with a quorum of witness cosignatures, and a witness cosigns a checkpoint only
+if it extends the one it cosigned last (c2sp.org/tlog-witness, `add-checkpoint`):
+
+    POST /add-checkpoint
+    old <size the witness last cosigned>\\n
+    <consistency proof hash, base64>\\n ...   (at most 63)
+    \\n
+    <signed checkpoint note>
+
+Answers: 200 with cosignature/v1 lines; 400 malformed request or old size above the new size;
+403 no trusted log signature; 404 unknown origin; 409 (`text/x.tlog.size`, the size it knows)
+when the old size is not the one it cosigned last, or the same size comes with another root;
+422 when the consistency proof does not verify.
+
+State: one JSON file per log origin in the state directory, `{origin, size, root}`, replaced
+atomically (write, fsync, rename, fsync the directory) under a lock, before the cosignature is
+returned, so that no crash or concurrent request can roll it back.
+
+This module also holds the client side (`request_cosignatures`), used by the service to collect
+cosignatures. It does not fetch anything from logs; it trusts only the log keys it was given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from .errors import NoteError, ProofError
+from .format import merkle
+from .format.checkpoint import COSIGNATURE_V1, Checkpoint, cosign, cosigner_vkey, verify_cosignature
+from .format.note import (
+    Signature,
+    Verifier,
+    b64decode_canonical,
+    check_key_name,
+    open_note,
+    parse_note,
+)
+
+__all__ = [
+    "MAX_PROOF_LINES",
+    "WitnessKey",
+    "WitnessState",
+    "create_witness_app",
+    "format_add_checkpoint",
+    "parse_add_checkpoint",
+    "request_cosignature",
+]
+
+log = logging.getLogger("exchange.witness")
+
+#: tlog-witness: "The client MUST NOT send more than 63 consistency proof lines."
+MAX_PROOF_LINES = 63
+#: Largest add-checkpoint body accepted: 63 proof lines and a note with 100 signatures fit easily.
+MAX_BODY_BYTES = 64 * 1024
+SIZE_CONTENT_TYPE = "text/x.tlog.size"
+_SKEY_PREFIX = "PRIVATE+KEY+"
+
+
+class AddCheckpointError(Exception):
+    """A refused add-checkpoint request: the HTTP status and a sentence for the log operator."""
+
+    def __init__(self, status: int, message: str, *, known_size: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.known_size = known_size
+
+
+# -- keys ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WitnessKey:
+    """A witness's cosigning key (type 0x04): its name and Ed25519 seed. Keep it secret."""
+
+    name: str
+    seed: bytes
+
+    def __post_init__(self) -> None:
+        check_key_name(self.name)
+        if len(self.seed) != 32:
+            raise NoteError("An Ed25519 seed is 32 bytes.")
+
+    @classmethod
+    def generate(cls, name: str) -> WitnessKey:
+        return cls(name, os.urandom(32))
+
+    @property
+    def vkey(self) -> str:
+        """The public cosigner vkey `<name>+<key ID>+base64(0x04 || public key)` to give to logs."""
+        return cosigner_vkey(self.name, self.seed)
+
+    def to_skey(self) -> str:
+        key_id = self.vkey.split("+", 2)[1]
+        material = base64.b64encode(bytes([COSIGNATURE_V1]) + self.seed).decode("ascii")
+        return f"{_SKEY_PREFIX}{self.name}+{key_id}+{material}"
+
+    @classmethod
+    def from_skey(cls, skey: str) -> WitnessKey:
+        if not skey.startswith(_SKEY_PREFIX):
+            raise NoteError("A witness key file holds PRIVATE+KEY+<name>+<key ID>+<key>.")
+        parts = skey[len(_SKEY_PREFIX) :].split("+", 2)
+        if len(parts) != 3:
+            raise NoteError("A witness key file holds PRIVATE+KEY+<name>+<key ID>+<key>.")
+        name, key_id, material = parts
+        raw = b64decode_canonical(material, what="witness key material")
+        if len(raw) != 33 or raw[0] != COSIGNATURE_V1:
+            raise NoteError("The witness key is not a cosignature/v1 (type 0x04) Ed25519 seed.")
+        key = cls(name, raw[1:])
+        if key.vkey.split("+")[1] != key_id:
+            raise NoteError("The witness key states a key ID that does not match its key.")
+        return key
+
+    def save(self, path: Path) -> None:
+        """Write the key file with mode 0600; refuse to overwrite one."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            fh.write(self.to_skey() + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> WitnessKey:
+        return cls.from_skey(path.read_text(encoding="ascii").strip())
+
+
+# -- the request body --------------------------------------------------------------------------------
+
+
+def format_add_checkpoint(old_size: int, proof: Sequence[bytes], note: bytes) -> bytes:
+    lines = [f"old {old_size}\n", *(base64.b64encode(h).decode("ascii") + "\n" for h in proof), "\n"]
+    return "".join(lines).encode("ascii") + note
+
+
+_OLD_SIZE = re.compile(rb"old (0|[1-9][0-9]{0,18})")
+
+
+def parse_add_checkpoint(body: bytes) -> tuple[int, list[bytes], bytes]:
+    """(old size, consistency proof, signed checkpoint note) from a request body, strictly."""
+    # Proof lines are never empty, so the first blank line ends the header.
+    header, blank, note = body.partition(b"\n\n")
+    if not blank:
+        raise AddCheckpointError(400, "no blank line between the old size and proof lines and the checkpoint")
+    old_line, *proof_lines = header.split(b"\n")
+    match = _OLD_SIZE.fullmatch(old_line)
+    if match is None:
+        raise AddCheckpointError(400, "the first line must be 'old <size>' in decimal without leading zeros")
+    if len(proof_lines) > MAX_PROOF_LINES:
+        raise AddCheckpointError(400, f"more than {MAX_PROOF_LINES} consistency proof lines")
+    proof: list[bytes] = []
+    for line in proof_lines:
+        try:
+            digest = b64decode_canonical(line.decode("ascii"), what="consistency proof hash")
+        except (NoteError, UnicodeDecodeError) as exc:
+            raise AddCheckpointError(400, "a consistency proof line is not canonical base64") from exc
+        if len(digest) != merkle.HASH_SIZE:
+            raise AddCheckpointError(400, "a consistency proof line is not a 32-byte hash")
+        proof.append(digest)
+    return int(match.group(1)), proof, note
+
+
+# -- state -----------------------------------------------------------------------------------------------
+
+
+class WitnessState:
+    """The latest cosigned (size, root) per origin, one JSON file each, replaced atomically."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, origin: str) -> Path:
+        return self.directory / (hashlib.sha256(origin.encode("utf-8")).hexdigest()[:32] + ".json")
+
+    def load(self, origin: str) -> tuple[int, bytes] | None:
+        try:
+            data = json.loads(self._path(origin).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        if data.get("origin") != origin:
+            raise RuntimeError(f"witness state file {self._path(origin)} belongs to another origin")
+        return int(data["size"]), base64.b64decode(data["root"])
+
+    def store(self, origin: str, size: int, root: bytes) -> None:
+        path = self._path(origin)
+        tmp = path.with_suffix(".tmp")
+        data = json.dumps({"origin": origin, "size": size, "root": base64.b64encode(root).decode("ascii")})
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+# -- the witness -------------------------------------------------------------------------------------
+
+
+class Witness:
+    """The add-checkpoint decision and state update; the aiohttp handler is a thin shell around it."""
+
+    def __init__(
+        self,
+        key: WitnessKey,
+        state: WitnessState,
+        log_vkeys: Sequence[str],
+        *,
+        clock_s: Callable[[], int] = lambda: int(time.time()),
+    ) -> None:
+        if not log_vkeys:
+            raise ValueError("a witness needs at least one log verifier key (--log-vkey)")
+        self.key = key
+        self.state = state
+        self.clock_s = clock_s
+        self.logs: dict[str, list[Verifier]] = {}
+        for vkey in log_vkeys:
+            verifier = Verifier.from_vkey(vkey)
+            self.logs.setdefault(verifier.name, []).append(verifier)
+        self._lock = asyncio.Lock()
+
+    async def add_checkpoint(self, body: bytes) -> bytes:
+        old_size, proof, note_bytes = parse_add_checkpoint(body)
+        try:
+            checkpoint = Checkpoint.parse(parse_note(note_bytes).text)
+        except NoteError as exc:
+            raise AddCheckpointError(400, f"the checkpoint does not parse: {exc}") from exc
+        verifiers = self.logs.get(checkpoint.origin)
+        if verifiers is None:
+            raise AddCheckpointError(404, f"unknown log origin {checkpoint.origin!r}")
+        try:
+            open_note(note_bytes, verifiers)
+        except NoteError as exc:
+            raise AddCheckpointError(403, f"no trusted log signature verifies: {exc}") from exc
+        if old_size > checkpoint.size:
+            raise AddCheckpointError(400, "the old size is larger than the checkpoint size")
+        # Check and update under one lock: two requests must not both pass against the same state.
+        async with self._lock:
+            known = await asyncio.to_thread(self.state.load, checkpoint.origin)
+            known_size, known_root = known if known else (0, merkle.EMPTY_ROOT)
+            if old_size != known_size:
+                raise AddCheckpointError(
+                    409, f"the witness last cosigned size {known_size}", known_size=known_size
+                )
+            if old_size == checkpoint.size and known is not None and known_root != checkpoint.root_hash:
+                log.warning("fork: %s size %d with two roots", checkpoint.origin, checkpoint.size)
+                raise AddCheckpointError(
+                    409, "the same tree size with another root hash: the log forked", known_size=known_size
+                )
+            try:
+                merkle.verify_consistency(old_size, checkpoint.size, known_root, checkpoint.root_hash, proof)
+            except ProofError as exc:
+                log.warning("inconsistent checkpoint from %s: %s", checkpoint.origin, exc)
+                raise AddCheckpointError(422, f"the consistency proof does not verify: {exc}") from exc
+            await asyncio.to_thread(
+                self.state.store, checkpoint.origin, checkpoint.size, checkpoint.root_hash
+            )
+        signature = cosign(checkpoint.to_text(), self.key.name, self.key.seed, self.clock_s())
+        return signature.to_line().encode("utf-8")
+
+
+_WITNESS = web.AppKey("witness", Witness)
+
+
+async def _handle_add_checkpoint(request: web.Request) -> web.Response:
+    witness = request.app[_WITNESS]
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        return web.Response(status=413, text="request body too large\n")
+    body = await request.content.read(MAX_BODY_BYTES + 1)
+    if len(body) > MAX_BODY_BYTES:
+        return web.Response(status=413, text="request body too large\n")
+    try:
+        lines = await witness.add_checkpoint(body)
+    except AddCheckpointError as exc:
+        if exc.status == 409 and exc.known_size is not None:
+            return web.Response(
+                status=409, body=f"{exc.known_size}\n".encode(), content_type=SIZE_CONTENT_TYPE
+            )
+        return web.Response(status=exc.status, text=exc.message + "\n")
+    return web.Response(status=200, body=lines, content_type="text/plain", charset="utf-8")
+
+
+def create_witness_app(witness: Witness) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    app[_WITNESS] = witness
+    app.router.add_post("/add-checkpoint", _handle_add_checkpoint)
+    return app
+
+
+# -- the client: collecting cosignatures ---------------------------------------------------------------
+
+
+@dataclass
+class CosignResult:
+    signature: Signature | None
+    #: The size the witness says it last cosigned, when it told us (409), for the next request.
+    known_size: int | None
+    problem: str | None = None
+
+
+async def request_cosignature(
+    session: aiohttp.ClientSession,
+    url: str,
+    note: bytes,
+    old_size: int,
+    proof: Sequence[bytes],
+    witness_vkeys: Sequence[str],
+) -> CosignResult:
+    """One add-checkpoint call; returns the first cosignature that verifies against a known key.
+
+    On 409 with a size the caller retries with a proof from that size. Cosignatures from keys
+    not in `witness_vkeys` are ignored, as the spec asks.
+    """
+    body = format_add_checkpoint(old_size, proof, note)
+    endpoint = url.rstrip("/") + "/add-checkpoint"
+    try:
+        async with session.post(endpoint, data=body) as resp:
+            raw = await resp.content.read(MAX_BODY_BYTES)
+            status, content_type = resp.status, resp.content_type
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        return CosignResult(None, None, f"unreachable: {exc.__class__.__name__}")
+    if status == 409 and content_type == SIZE_CONTENT_TYPE:
+        text = raw.decode("ascii", "replace").strip()
+        return CosignResult(None, int(text) if text.isdigit() else None, "conflict: " + text)
+    if status != 200:
+        return CosignResult(None, None, f"HTTP {status}: {raw[:200].decode('utf-8', 'replace').strip()}")
+    text = parse_note(note).text
+    try:
+        lines = raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        return CosignResult(None, None, "answer is not UTF-8")
+    for line in lines:
+        try:
+            sig = parse_note(b"x\n\n" + (line + "\n").encode("utf-8")).signatures[0]
+        except NoteError:
+            continue
+        for vkey in witness_vkeys:
+            try:
+                verify_cosignature(text, sig, vkey)
+            except NoteError:
+                continue
+            return CosignResult(sig, None)
+    return CosignResult(None, None, "no cosignature from a configured witness key")

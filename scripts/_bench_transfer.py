@@ -1,0 +1,256 @@
+"""scripts/bench-transfer: encrypted upload/download through exchange vs plain boto3, same storage.
+
+The parent process runs SeaweedFS and the API; each measured transfer runs in a child process
+(`--child ...`) that prints one JSON line with its seconds and its peak RSS (getrusage), so the
+client's memory is measured apart from the server's and from boto3's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KIB": 1024,
+    "MIB": 1024**2,
+    "GIB": 1024**3,
+    "TIB": 1024**4,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+}
+
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).upper() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512MiB, 1GiB, 4GiB)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# -- children ---------------------------------------------------------------------------------------
+
+
+def child(args: list[str]) -> None:
+    config = json.loads(args[1])
+    mode = args[0]
+    started = time.perf_counter()
+    result: dict[str, Any] = {}
+    if mode in ("exchange-upload", "exchange-download"):
+        from exchange.client import Client
+        from exchange.client.transfer import download, upload
+        from exchange.identity import Identity
+
+        async def run() -> None:
+            identity = Identity.load(Path(config["identity"]))
+            async with Client(config["server"], identity) as client:
+                extra = {"concurrency": int(config["concurrency"])} if config.get("concurrency") else {}
+                if mode == "exchange-upload":
+                    result["id"] = await upload(client, Path(config["file"]), kind="model-weights", **extra)
+                else:
+                    await download(client, config["id"], Path(config["out"]), **extra)
+
+        asyncio.run(run())
+    else:
+        import boto3
+
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=config["endpoint"],
+            region_name="us-east-1",
+            aws_access_key_id=config["key"],
+            aws_secret_access_key=config["secret"],
+        )
+        if mode == "boto3-upload":
+            s3.upload_file(config["file"], config["bucket"], "bench/plain")
+        else:
+            s3.download_file(config["bucket"], "bench/plain", str(Path(config["out"]) / "plain"))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result |= {
+        "seconds": time.perf_counter() - started,
+        "peak_rss_mib": peak_rss_mib(),
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        "sys_seconds": usage.ru_stime,
+    }
+    print(json.dumps(result), flush=True)
+
+
+def run_child(mode: str, config: dict[str, Any]) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", mode, json.dumps(config)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+# -- the stack ----------------------------------------------------------------------------------------
+
+
+class Service:
+    """SeaweedFS and the API in this process (the API on a thread with its own event loop)."""
+
+    def __init__(self, home: Path) -> None:
+        from exchange.seaweed import S3Credentials, SeaweedFS
+
+        self.home = home
+        self.credentials = S3Credentials.generate()
+        self.store = SeaweedFS(home / "seaweed", credentials=self.credentials)
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.stop_event: asyncio.Event | None = None
+
+    def start(self) -> None:
+        from exchange.settings import Settings
+
+        self.store.start()
+        self.store.ensure_bucket("exchange")
+        self.settings = Settings(
+            home=self.home,
+            port=_free_port(),
+            s3_endpoint=self.store.endpoint,
+            s3_bucket="exchange",
+            s3_access_key_id=self.credentials.access_key_id,
+            s3_secret_access_key=self.credentials.secret_access_key,
+        )
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+        if not self.ready.wait(60):
+            raise RuntimeError("the API did not start")
+
+    def _serve(self) -> None:
+        from aiohttp import web
+
+        from exchange.api.app import create_app
+        from exchange.server import bootstrap_with_settings
+
+        async def main() -> None:
+            await bootstrap_with_settings(
+                self.settings, identity_path=self.home / "admin.identity", name="admin", org_name="operators"
+            )
+            runner = web.AppRunner(create_app(self.settings), access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", self.settings.port).start()
+            self.stop_event = asyncio.Event()
+            self.ready.set()
+            await self.stop_event.wait()
+            await runner.cleanup()
+
+        self.loop.run_until_complete(main())
+
+    def stop(self) -> None:
+        if self.stop_event is not None:
+            self.loop.call_soon_threadsafe(self.stop_event.set)
+            self.thread.join(30)
+        self.store.stop()
+
+    async def developer(self) -> Path:
+        from exchange.client import Client
+        from exchange.identity import Identity
+
+        admin = Identity.load(self.home / "admin.identity")
+        async with Client(self.settings.effective_public_url, admin) as c:
+            await c.create_org("bench")
+            invite = await c.create_invite(role="developer", org="bench")
+        dev = Identity.generate()
+        async with Client(self.settings.effective_public_url) as c:
+            await c.enroll(invite["code"], "bench-dev", dev)
+        path = self.home / "dev.identity"
+        dev.save(path)
+        return path
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_file(path: Path, size: int) -> None:
+    block = 16 * 1024 * 1024
+    with path.open("wb") as fh:
+        left = size
+        while left:
+            n = min(block, left)
+            fh.write(os.urandom(n))
+            left -= n
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2:])
+        return
+    parser = argparse.ArgumentParser(prog="scripts/bench-transfer", description=__doc__)
+    parser.add_argument(
+        "--size", type=parse_size, default=parse_size("1GiB"), help="file size (default 1GiB)"
+    )
+    parser.add_argument("--dir", type=Path, default=None, help="work directory (default: a temporary one)")
+    args = parser.parse_args()
+    # SIGTERM ends the run like Ctrl-C does: through the finally below, which stops SeaweedFS.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    work = Path(tempfile.mkdtemp(prefix="exchange-bench-", dir=args.dir))
+    service = Service(work / "service")
+    try:
+        service.start()
+        identity = asyncio.run(service.developer())
+        source = work / "model.bin"
+        make_file(source, args.size)
+        common = {
+            "endpoint": service.store.endpoint,
+            "key": service.credentials.access_key_id,
+            "secret": service.credentials.secret_access_key,
+            "bucket": "exchange",
+        }
+        ours = {"server": service.settings.effective_public_url, "identity": str(identity)}
+        results: dict[str, dict[str, Any]] = {}
+        results["boto3 upload"] = run_child("boto3-upload", common | {"file": str(source)})
+        up = run_child("exchange-upload", ours | {"file": str(source)})
+        results["exchange upload"] = up
+        out_plain, out_ours = work / "out-plain", work / "out-ours"
+        out_plain.mkdir()
+        out_ours.mkdir()
+        results["boto3 download"] = run_child("boto3-download", common | {"out": str(out_plain)})
+        results["exchange download"] = run_child(
+            "exchange-download", ours | {"id": up["id"], "out": str(out_ours)}
+        )
+        assert (out_ours / "model.bin").stat().st_size == args.size
+        mb = args.size / 1e6
+        print(f"file: {args.size} bytes ({args.size / 1024**3:.2f} GiB), cores: {os.cpu_count()}")
+        print(f"{'transfer':<20}{'seconds':>10}{'MB/s':>10}{'client CPU s':>14}{'peak RSS MiB':>15}")
+        for name, r in results.items():
+            print(
+                f"{name:<20}{r['seconds']:>10.2f}{mb / r['seconds']:>10.1f}"
+                f"{r['cpu_seconds']:>14.2f}{r['peak_rss_mib']:>15.1f}"
+            )
+        for what in ("upload", "download"):
+            ratio = results[f"boto3 {what}"]["seconds"] / results[f"exchange {what}"]["seconds"]
+            print(f"{what}: exchange (encrypted, verified) / plain boto3 = {ratio:.2f}x")
+    finally:
+        service.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""Uploads and downloads end to end: real SeaweedFS, SQLite and PostgreSQL, no fakes.
+
+Round trips over the sizes that matter to the chunking (empty, one byte short of a chunk, exactly
+one chunk, one byte over, several parts), directories, what storage holds at rest, resuming a
+killed upload and a killed download, and the abandoned-upload sweep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from minio import Minio
+
+from exchange.api.artifacts import sweep_once
+from exchange.client import artifacts as api
+from exchange.client.transfer import PARTIAL_SUFFIX, download, upload
+from exchange.errors import Conflict, NotFound
+from exchange.format import age
+from exchange.storage import Storage
+from tests.artifacts.conftest import BUCKET, write
+from tests.conftest import FakeClock, Stack
+
+MIB = 1024 * 1024
+
+
+class Interrupted(Exception):
+    """Stands in for a kill: raised from the progress callback after some bytes are done."""
+
+
+def interrupt_after(limit: int) -> Any:
+    done = 0
+
+    def progress(n: int) -> None:
+        nonlocal done
+        done += n
+        if done >= limit:
+            raise Interrupted
+
+    return progress
+
+
+def listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+async def test_directory_round_trip_at_every_chunk_boundary(stack: Stack, tmp_path: Path) -> None:
+    dev = await stack.principal("dana", "developer", org="lab")
+    src = tmp_path / "src" / "llama"
+    sizes = {
+        "config.json": 0,
+        "a/short.bin": 65_535,
+        "a/one-chunk.bin": 65_536,
+        "a/over.bin": 65_537,
+        "b/c/shards.bin": 11 * MIB + 3,
+    }
+    expected = {name: write(src / name, size, seed=i + 1) for i, (name, size) in enumerate(sizes.items())}
+    async with stack.client(dev) as c:
+        artifact_id = await upload(c, src, kind="model-weights")
+        detail = await api.get(c, artifact_id)
+        out = tmp_path / "out"
+        out.mkdir()
+        assert await download(c, artifact_id, out) == [out / "llama"]
+    assert detail["status"] == "complete" and detail["name"] == "llama" and detail["file_count"] == 5
+    assert {f["path"]: f["size"] for f in detail["files"]} == {f"llama/{k}": v for k, v in sizes.items()}
+    shards = next(f for f in detail["files"] if f["path"] == "llama/b/c/shards.bin")
+    assert shards["part_count"] == 3  # 5 MiB parts: the multipart path is exercised
+    for name, data in expected.items():
+        assert (out / "llama" / name).read_bytes() == data
+    manifest = {f["path"]: f for f in detail["manifest"]["files"]}
+    assert manifest["llama/a/over.bin"]["sha256"] == hashlib.sha256(expected["a/over.bin"]).hexdigest()
+    assert listing(out)[0] == "llama"  # no partial left over
+    assert not any(PARTIAL_SUFFIX in p for p in listing(out))
+
+
+async def test_nothing_readable_at_rest(stack: Stack, tmp_path: Path, bucket: Minio) -> None:
+    dev = await stack.principal("dana", "developer", org="lab")
+    marker = b"PLAINTEXT-MARKER-" * 4000
+    (tmp_path / "secret-weights.bin").write_bytes(marker)
+    async with stack.client(dev) as c:
+        artifact_id = await upload(c, tmp_path / "secret-weights.bin")
+        detail = await api.get(c, artifact_id)
+    keys = {f["object"] for f in detail["files"]}
+    listed = {o.object_name: o.size for o in bucket.list_objects(BUCKET, prefix="artifacts/", recursive=True)}
+    assert keys <= set(listed)
+    for key in keys:
+        assert "secret" not in key and "weights" not in key  # names live only in metadata
+        data = bucket.get_object(BUCKET, key).read()
+        assert len(data) == age.ciphertext_size(len(marker)) == listed[key]
+        assert b"PLAINTEXT-MARKER" not in data
+        assert data[:16] == __import__("base64").b64decode(detail["files"][0]["nonce"])
+        # A standard age file once its header is put in front: ciphertext, nothing else.
+        async with stack.client(dev) as c:
+            header = await api.header(c, artifact_id)
+        assert age.decrypt(header + data, [dev.age_identity]) == marker
+
+
+async def test_upload_wraps_the_key_for_every_developer_of_the_org(stack: Stack, tmp_path: Path) -> None:
+    dev = await stack.principal("dana", "developer", org="lab")
+    colleague = await stack.principal("carl", "developer", org="lab")
+    tester = await stack.principal("tess", "tester", org="lab")
+    outsider = await stack.principal("otto", "developer", org="elsewhere")
+    data = write(tmp_path / "f.bin", 1000)
+    async with stack.client(dev) as c:
+        artifact_id = await upload(c, tmp_path / "f.bin")
+    out = tmp_path / "carl"
+    out.mkdir()
+    async with stack.client(colleague) as c:
+        await download(c, artifact_id, out)
+    assert (out / "f.bin").read_bytes() == data
+    async with stack.client(tester) as c:
+        with pytest.raises(Exception) as err:
+            await download(c, artifact_id, out)
+        assert getattr(err.value, "code", None) == "not-a-recipient"
+    async with stack.client(outsider) as c:
+        with pytest.raises(NotFound):
+            await api.get(c, artifact_id)
+
+
+async def test_killed_upload_resumes_from_the_stored_parts(stack: Stack, tmp_path: Path) -> None:
+    dev = await stack.principal("dana", "developer", org="lab")
+    data = write(tmp_path / "big.bin", 16 * MIB)
+    async with stack.client(dev) as c:
+        with pytest.raises(Interrupted):
+            await upload(c, tmp_path / "big.bin", concurrency=1, progress=interrupt_after(1))
+        [pending] = await api.list_artifacts(c, status="uploading")
+        status = await api.upload_status(c, pending["id"])
+        stored_before = [p["number"] for p in status["files"][0]["stored"]]
+        assert stored_before and len(stored_before) < 4
+        started: list[tuple[str, bool]] = []
+        artifact_id = await upload(
+            c, tmp_path / "big.bin", on_start=lambda i, total, resumed: started.append((i, resumed))
+        )
+        assert started == [(pending["id"], True)]
+        assert artifact_id == pending["id"]
+        out = tmp_path / "out"
+        out.mkdir()
+        await download(c, artifact_id, out)
+    assert (out / "big.bin").read_bytes() == data
+    # The parts stored before the kill were not requested again.
+    parts_events = [e for e in await stack.events() if e["action"] == "artifact.parts"]
+    assert sum(e["details"]["recorded"] for e in parts_events) == 4
+
+
+async def test_resume_refuses_a_file_that_changed(stack: Stack, tmp_path: Path) -> None:
+    dev = await stack.principal("dana", "developer", org="lab")
+    write(tmp_path / "big.bin", 16 * MIB, seed=3)
+    async with stack.client(dev) as c:
+        with pytest.raises(Interrupted):
+            await upload(c, tmp_path / "big.bin", concurrency=1, progress=interrupt_after(1))
+        write(tmp_path / "big.bin", 16 * MIB, seed=4)  # same size, other bytes
+        with pytest.raises(Conflict) as err:
+            await upload(c, tmp_path / "big.bin")
+        assert err.value.code in ("file-changed", "part-digest-changed")
+        [pending] = await api.list_artifacts(c, status="uploading")
+        await api.abort(c, pending["id"])
+        artifact_id = await upload(c, tmp_path / "big.bin")  # a fresh upload now
+        assert artifact_id != pending["id"]
+
+
+async def test_killed_download_resumes_from_what_was_written(stack: Stack, tmp_path: Path) -> None:
+    dev = await stack.principal("dana", "developer", org="lab")
+    data = write(tmp_path / "big.bin", 16 * MIB + 5)
+    out = tmp_path / "out"
+    out.mkdir()
+    async with stack.client(dev) as c:
+        artifact_id = await upload(c, tmp_path / "big.bin")
+        with pytest.raises(Interrupted):
+            await download(c, artifact_id, out, concurrency=1, progress=interrupt_after(6 * MIB))
+        assert listing(out) == ["big.bin" + PARTIAL_SUFFIX, f"big.bin{PARTIAL_SUFFIX}/big.bin"]
+        resumed_from: list[int] = []
+        await download(c, artifact_id, out, on_start=lambda info, done: resumed_from.append(done))
+    assert resumed_from[0] >= 5 * MIB  # at least the first whole part was kept
+    assert (out / "big.bin").read_bytes() == data
+    assert listing(out) == ["big.bin"]
+
+
+async def test_abandoned_upload_is_aborted_and_its_parts_removed(
+    stack: Stack, tmp_path: Path, clock: FakeClock
+) -> None:
+    dev = await stack.principal("dana", "developer", org="lab")
+    write(tmp_path / "big.bin", 11 * MIB)
+    async with stack.client(dev) as c:
+        with pytest.raises(Interrupted):
+            await upload(c, tmp_path / "big.bin", concurrency=1, progress=interrupt_after(1))
+        [pending] = await api.list_artifacts(c, status="uploading")
+    row = await stack.db.fetchone(
+        "SELECT object_key, upload_id FROM artifact_files WHERE artifact_id = $1", pending["id"]
+    )
+    assert row is not None and row["upload_id"]
+    clock.advance(stack.settings.upload_abandon_after_s - 60)
+    assert await sweep_once(stack.app) == []
+    clock.advance(120)
+    assert await sweep_once(stack.app) == [pending["id"]]
+    storage = Storage(
+        endpoint=stack.settings.s3_endpoint,
+        region="us-east-1",
+        bucket=BUCKET,
+        access_key_id=stack.settings.s3_access_key_id,
+        secret_access_key=stack.settings.s3_secret_access_key,
+    )
+    try:
+        with pytest.raises(NotFound):
+            await storage.list_parts(row["object_key"], row["upload_id"])
+    finally:
+        await storage.close()
+    # (The fake clock moved a day on: signed requests would be refused now; read the database.)
+    assert await stack.db.fetchval("SELECT status FROM artifacts WHERE id = $1", pending["id"]) == "aborted"
+    event = (await stack.events())[-1]
+    assert event["action"] == "artifact.abandon" and event["actor"] == {"type": "system"}
+
+
+async def test_audit_events_for_the_whole_story(stack: Stack, tmp_path: Path) -> None:
+    dev = await stack.principal("dana", "developer", org="lab")
+    write(tmp_path / "f.bin", 10)
+    out = tmp_path / "out"
+    out.mkdir()
+    async with stack.client(dev) as c:
+        artifact_id = await upload(c, tmp_path / "f.bin", kind="report")
+        await download(c, artifact_id, out)
+    actions = [e["action"] for e in await stack.events() if e.get("resource", {}).get("id") == artifact_id]
+    assert actions[0] == "artifact.create" and "artifact.complete" in actions
+    assert actions.index("artifact.parts") < actions.index("artifact.complete")
+    assert actions[-2:] == ["artifact.download", "artifact.header"] or actions[-2:] == [
+        "artifact.header",
+        "artifact.download",
+    ]
+    complete = next(e for e in await stack.events() if e["action"] == "artifact.complete")
+    assert len(complete["resource"]["sha256"]) == 64
+
+
+async def test_only_developers_upload(stack: Stack, tmp_path: Path) -> None:
+    tester = await stack.principal("tess", "tester", org="lab")
+    write(tmp_path / "f.bin", 10)
+    async with stack.client(tester) as c:
+        with pytest.raises(Exception) as err:
+            await upload(c, tmp_path / "f.bin")
+    assert getattr(err.value, "code", None) == "role-required"
+    assert await stack.count("artifacts") == 0
+
+
+async def test_a_long_download_renews_its_urls(
+    tmp_path: Path, database_url: str, seaweed: Any, clock: FakeClock
+) -> None:
+    from tests.artifacts.conftest import SMALL_PART_BYTES
+    from tests.conftest import start_stack
+
+    stack = await start_stack(
+        tmp_path, database_url, seaweed, clock, upload_min_part_bytes=SMALL_PART_BYTES, presign_ttl_s=2
+    )
+    try:
+        dev = await stack.principal("dana", "developer", org="lab")
+        data = write(tmp_path / "big.bin", 11 * MIB)
+        out = tmp_path / "out"
+        out.mkdir()
+        async with stack.client(dev) as c:
+            artifact_id = await upload(c, tmp_path / "big.bin")
+            await download(c, artifact_id, out, concurrency=1)
+        assert (out / "big.bin").read_bytes() == data
+        # URLs that live 2 s are renewed before each part: one audited access per renewal.
+        renewals = [e for e in await stack.events() if e["action"] == "artifact.download"]
+        assert len(renewals) >= 3
+    finally:
+        await stack.server.close()
+
+
+async def test_strays_in_a_partial_directory_are_not_moved_into_place(stack: Stack, tmp_path: Path) -> None:
+    dev = await stack.principal("dana", "developer", org="lab")
+    data = write(tmp_path / "llama" / "w.bin", 1000)
+    out = tmp_path / "out"
+    stray = out / ("llama" + PARTIAL_SUFFIX) / "llama" / "evil.bin"
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"not from the uploader")
+    (stray.parent / "link").symlink_to(tmp_path)
+    async with stack.client(dev) as c:
+        artifact_id = await upload(c, tmp_path / "llama")
+        await download(c, artifact_id, out)
+    assert listing(out) == ["llama", "llama/w.bin"]
+    assert (out / "llama" / "w.bin").read_bytes() == data
+
+
+@pytest.mark.parametrize("size", [0, 65_535, 65_536, 65_537])
+async def test_single_file_at_chunk_boundaries(stack: Stack, tmp_path: Path, size: int) -> None:
+    dev = await stack.principal("dana", "developer", org="lab")
+    data = write(tmp_path / "f.bin", size)
+    out = tmp_path / "out"
+    out.mkdir()
+    async with stack.client(dev) as c:
+        artifact_id = await upload(c, tmp_path / "f.bin")
+        detail = await api.get(c, artifact_id)
+        await download(c, artifact_id, out)
+    assert detail["files"][0]["ciphertext_size"] == age.ciphertext_size(size)
+    assert (out / "f.bin").read_bytes() == data
+    assert listing(out) == ["f.bin"]
+
+
+async def test_parts_too_large_to_hold_are_streamed(stack: Stack, tmp_path: Path) -> None:
+    """A part over the memory budget is encrypted twice (hash, then send) and never held."""
+    dev = await stack.principal("dana", "developer", org="lab")
+    data = write(tmp_path / "big.bin", 11 * MIB + 7)
+    out = tmp_path / "out"
+    out.mkdir()
+    async with stack.client(dev) as c:
+        artifact_id = await upload(c, tmp_path / "big.bin", memory_part_bytes=MIB)
+        await download(c, artifact_id, out)
+    assert (out / "big.bin").read_bytes() == data
+
+
+async def test_a_resumed_download_refetches_parts_spoiled_on_disk(stack: Stack, tmp_path: Path) -> None:
+    dev = await stack.principal("dana", "developer", org="lab")
+    data = write(tmp_path / "big.bin", 16 * MIB)
+    out = tmp_path / "out"
+    out.mkdir()
+    partial = out / ("big.bin" + PARTIAL_SUFFIX) / "big.bin"
+    async with stack.client(dev) as c:
+        artifact_id = await upload(c, tmp_path / "big.bin")
+        with pytest.raises(Interrupted):
+            await download(c, artifact_id, out, concurrency=1, progress=interrupt_after(6 * MIB))
+        with partial.open("r+b") as fh:  # spoil a byte of the first part, already written
+            fh.seek(1000)
+            fh.write(bytes([data[1000] ^ 0xFF]))
+        resumed_from: list[int] = []
+        await download(c, artifact_id, out, on_start=lambda info, done: resumed_from.append(done))
+    assert resumed_from == [5 * MIB]  # part 2 kept; part 1, spoiled, fetched again
+    assert (out / "big.bin").read_bytes() == data
