@@ -28,6 +28,7 @@ ExchangeError
 │   └── DigestMismatch            the body does not match its signed Content-Digest
 ├── PermissionDenied            authenticated, but the role or grant does not allow it (403)
 └── DependencyError             a dependency failed; not the caller's fault (503)
+    ├── AuditLogDamaged           the stored Merkle tree lacks nodes: appends stop (fail closed)
     ├── StorageUnavailable        the S3 store did not answer or answered with an error
     └── DatabaseUnavailable       the database did not answer or refused the write
 ```
@@ -50,6 +51,7 @@ __all__ = [
     "AgeHeaderMacError",
     "AgeNoIdentityMatch",
     "AgePayloadError",
+    "AuditLogDamaged",
     "AuthError",
     "BadSignature",
     "ClockSkew",
@@ -239,6 +241,13 @@ class DependencyError(ExchangeError):
 class StorageUnavailable(DependencyError):
     code = "storage-unavailable"
     title = "Storage unavailable"
+
+
+class AuditLogDamaged(DependencyError):
+    """The stored Merkle tree is missing nodes: nothing may be appended until it is repaired."""
+
+    code = "audit-log-damaged"
+    title = "Audit log damaged"
 
 
 class DatabaseUnavailable(DependencyError):

@@ -40,6 +40,7 @@ from typing import Any, Literal
 import rfc8785
 
 from ..db import Connection
+from ..errors import AuditLogDamaged
 from ..format import merkle
 
 __all__ = [
@@ -266,7 +267,7 @@ async def _insert(conn: Connection, table: str, columns: str, rows: Sequence[tup
 
 
 async def read_nodes(conn: Connection, nodes: Sequence[merkle.NodeId]) -> dict[merkle.NodeId, bytes]:
-    """The stored hashes of `nodes`, by key lookups; a missing node is a damaged tree (RuntimeError)."""
+    """The stored hashes of `nodes`, by key lookups; a missing node is a damaged tree (AuditLogDamaged)."""
     unique = list(dict.fromkeys(nodes))
     found: dict[merkle.NodeId, bytes] = {}
     for start in range(0, len(unique), _MAX_NODES_PER_QUERY):
@@ -291,7 +292,7 @@ async def read_nodes(conn: Connection, nodes: Sequence[merkle.NodeId]) -> dict[m
         found.update({(int(r["level"]), int(r["idx"])): bytes(r["hash"]) for r in rows})
     missing = [n for n in unique if n not in found]
     if missing:
-        raise RuntimeError(f"audit tree nodes {missing[:3]} are missing: the stored tree is damaged")
+        raise AuditLogDamaged(f"audit tree nodes {missing[:3]} are missing: the stored tree is damaged")
     return found
 
 

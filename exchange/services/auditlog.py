@@ -32,7 +32,7 @@ from typing import Any
 import aiohttp
 
 from ..db import Connection, Database
-from ..errors import DependencyError, NoteError, ValidationError
+from ..errors import AuditLogDamaged, DependencyError, NoteError, ValidationError
 from ..format import merkle
 from ..format.checkpoint import Checkpoint
 from ..format.note import Signature, Signer, sign_note
@@ -108,7 +108,7 @@ async def _nodes_of(
     if nodes:
         try:
             return await read_nodes(conn, nodes)
-        except RuntimeError:
+        except AuditLogDamaged:
             if size <= await tree_size(conn):
                 raise  # the log is that large: the stored tree is damaged
     elif size <= await tree_size(conn):

@@ -8,6 +8,7 @@ import pytest
 import rfc8785
 
 from exchange.db import Database
+from exchange.errors import AuditLogDamaged
 from exchange.format import merkle
 from exchange.services import auditlog
 from exchange.services.audit import MAX_LEAF_BYTES, Actor, AuditLog, Context, Entry, canonical_json
@@ -74,7 +75,7 @@ async def test_a_damaged_tree_stops_appends(db: Database) -> None:
         await LOG.append_many(conn, CTX, [Entry("x")] * 3)
     async with db.transaction() as conn:
         await conn.execute("DELETE FROM audit_tree_nodes WHERE level = 1")
-    with pytest.raises(RuntimeError, match="damaged"):
+    with pytest.raises(AuditLogDamaged, match="damaged"):
         async with db.transaction() as conn:
             await LOG.append(conn, CTX, action="y")
     assert await db.fetchval("SELECT size FROM audit_head") == 3
