@@ -111,7 +111,12 @@ async def list_artifacts(request: web.Request) -> web.Response:
             )
         after = (int(ms), ident)
     items = await svc.list_artifacts(
-        request.app[DB], request[PRINCIPAL], status=status, limit=limit + 1, after=after
+        request.app[DB],
+        request[PRINCIPAL],
+        status=status,
+        limit=limit + 1,
+        after=after,
+        now_ms=request.app[CLOCK](),
     )
     more = len(items) > limit
     items = items[:limit]

@@ -15,6 +15,7 @@ import binascii
 import html
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -245,6 +246,10 @@ async def _view(request: web.Request, token_hash: bytes) -> web.StreamResponse:
     return web.json_response(data, headers=_NO_STORE)
 
 
+def _utc(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 def _page(data: dict[str, Any], base: str) -> str:
     e = html.escape
     a = data["artifact"]
@@ -262,7 +267,7 @@ def _page(data: dict[str, Any], base: str) -> str:
         "<!doctype html>\n<html lang=en><meta charset=utf-8><title>"
         f"{e(a['name'])} — exchange</title>\n<h1>{e(a['name'])}</h1>\n"
         f"<p>{e(a['kind'])} from {e(a['org'])}, {a['size']} bytes in {a['file_count']} file(s), for"
-        f" {e(data['recipient'])}. Expires at {data['expires_at_ms']} ms since the epoch (UTC);"
+        f" {e(data['recipient'])}. Expires {_utc(data['expires_at_ms'])};"
         f" downloads used: {e(limit)}.</p>\n"
         "<table><tr><th>#</th><th>path</th><th>bytes</th></tr>\n"
         f"{rows}\n</table>\n<p>The files are encrypted for the recipient alone. To fetch and decrypt:</p>\n"
@@ -436,6 +441,7 @@ ROUTES = [
         "What a link holds (JSON, or an HTML page for browsers); counts nothing",
         "redeem",
         auth="none",
+        response="LinkView",
         parameters=_TOKEN,
         errors=(404, 429),
     ),
@@ -471,6 +477,7 @@ ROUTES = [
         "307 to a presigned GET of one file; without ?session= this opens (and counts) a download",
         "redeem",
         auth="none",
+        status=307,
         parameters=(
             *_TOKEN,
             path_param("index", "file index"),
@@ -543,6 +550,21 @@ def schemas(settings: Settings) -> dict[str, Schema]:
         "Link": obj(link_props, list(link_props)),
         "LinkCreated": obj(link_props | {"url": STR}, [*link_props, "url"]),
         "LinkList": obj({"items": {"type": "array", "items": obj(link_props, list(link_props))}}, ["items"]),
+        "LinkView": obj(
+            {
+                "link": STR,
+                "artifact": {"type": "object"},
+                "recipient": STR,
+                "recipient_age": STR,
+                "expires_at_ms": INT,
+                "max_downloads": opt_int,
+                "downloads": INT,
+                "files": {"type": "array", "items": {"type": "object"}},
+                "header_url": STR,
+                "file_urls": {"type": "array", "items": STR},
+            },
+            ["link", "artifact", "recipient", "expires_at_ms", "files", "header_url", "file_urls"],
+        ),
         "LinkSessionRequest": obj({"session": session_pattern}, []),
         "LinkSession": obj(
             {"session": STR, "link": STR, "header": STR, "expires_in_s": INT},

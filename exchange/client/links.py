@@ -14,13 +14,14 @@ receipt: the recipient's Ed25519 signature over the manifest digest.
 from __future__ import annotations
 
 import base64
+import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from ..errors import ValidationError
+from ..errors import ManifestError, ValidationError
 from ..format import age
 from . import Client
 from . import artifacts as artifacts_api
@@ -28,6 +29,7 @@ from ._download import _DownloadFile, _URLRefresher, _verified_manifest
 from .transfer import DEFAULT_CONCURRENCY, Progress, download_verified
 
 __all__ = [
+    "SESSION_SUFFIX",
     "create_link",
     "download_link",
     "grant",
@@ -42,6 +44,8 @@ __all__ = [
     "view_link",
 ]
 
+#: A link download in progress remembers its session in DIR/NAME<suffix>, to resume uncounted.
+SESSION_SUFFIX = ".exchange-session"
 _LINK_PATH = re.compile(r"(.*)/l/(exl1_[A-Za-z0-9_-]{43})/?")
 
 
@@ -169,9 +173,20 @@ async def download_link(
     identity = client.identity
     if identity is None:
         raise ValidationError("downloading needs the recipient's identity (--identity)")
-    info = await open_session(client, token)
+    # A download resumed after an interruption continues its session: it is not counted again.
+    name = str((await view_link(client, token))["artifact"]["name"])
+    if "/" in name or name in ("", ".", "..") or name.startswith("."):
+        raise ManifestError(f"the artifact name {name!r} is not a safe file name")
+    out_dir = Path(os.path.abspath(out_dir))
+    marker = out_dir / (name + SESSION_SUFFIX)
+    saved = marker.read_text().strip() if marker.is_file() else None
+    info = await open_session(client, token, saved)
     manifest = _verified_manifest(info, info["uploader"])
     file_key = age.unwrap_file_key(base64.b64decode(info["header"]), [identity.age_identity])
+    if saved is None:  # only once the link has proved to be ours to download
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(info["session"]) + "\n")
     written = await download_verified(
         info,
         manifest,
@@ -184,4 +199,5 @@ async def download_link(
     )
     signature = identity.signing_key.sign(manifest.digest()).signature
     receipt = await send_receipt(client, token, str(info["session"]), signature)
+    marker.unlink(missing_ok=True)
     return written, receipt

@@ -366,17 +366,33 @@ async def get(
         return artifact, await _files(conn, artifact_id)
 
 
+#: An active grant of artifact `a` to principal $8 at time $7 (no time: grants are not asked about).
+_GRANTED = (
+    "(CAST($7 AS BIGINT) IS NOT NULL AND EXISTS (SELECT 1 FROM grants g WHERE g.artifact_id = a.id"
+    " AND g.principal_id = $8 AND g.revoked_at_ms IS NULL"
+    " AND (g.expires_at_ms IS NULL OR g.expires_at_ms > $7)))"
+)
+
+
 async def list_artifacts(
-    db: Database, principal: Principal, *, status: str | None, limit: int, after: tuple[int, str] | None
+    db: Database,
+    principal: Principal,
+    *,
+    status: str | None,
+    limit: int,
+    after: tuple[int, str] | None,
+    now_ms: int | None = None,
 ) -> list[Artifact]:
-    """The caller's organisation's artifacts (every one for admins and auditors), newest first.
+    """The caller's organisation's artifacts (every one for admins and auditors), and those an
+    active grant gives the caller (when the time `now_ms` is known), newest first.
 
     `after` is the (created_at_ms, id) of the last artifact of the previous page.
     """
     everyone = principal.role in ("admin", "auditor")
     after_ms, after_id = after if after else (None, None)
     rows = await db.fetchall(
-        _SELECT + " WHERE ($1 OR a.org_id = $2) AND (CAST($3 AS TEXT) IS NULL OR a.status = $3)"
+        _SELECT + " WHERE ($1 OR a.org_id = $2 OR " + _GRANTED + ")"
+        " AND (CAST($3 AS TEXT) IS NULL OR a.status = $3)"
         " AND (CAST($4 AS BIGINT) IS NULL OR a.created_at_ms < $4 OR (a.created_at_ms = $4 AND a.id < $5))"
         " ORDER BY a.created_at_ms DESC, a.id DESC LIMIT $6",
         everyone,
@@ -385,6 +401,8 @@ async def list_artifacts(
         after_ms,
         after_id,
         limit,
+        now_ms,
+        principal.id,
     )
     return [Artifact.from_row(r) for r in rows]
 

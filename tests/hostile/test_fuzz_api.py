@@ -13,6 +13,7 @@ import schemathesis
 from hypothesis import strategies as st
 from schemathesis.config import SchemathesisConfig
 from schemathesis.generation import GenerationMode
+from schemathesis.specs.openapi.checks import content_type_conformance
 
 from exchange.client.signing import sign_headers
 from exchange.identity import Identity
@@ -85,6 +86,16 @@ def unsigned() -> requests.Session:
 schemathesis.openapi.format("age-recipient", st.builds(lambda: Identity.generate().public.age_recipient))
 schema = schemathesis.pytest.from_fixture("api_schema")
 
+_PARSER_REFUSALS = ("Invalid char in url", "Bad status line", "Invalid method", "Invalid header")
+
+
+def _refused_by_the_http_parser(response: requests.Response) -> bool:
+    return (
+        response.status_code == 400
+        and response.headers.get("Content-Type", "").startswith("text/plain")
+        and response.text.startswith(_PARSER_REFUSALS)
+    )
+
 
 @pytest.mark.slow
 @schema.parametrize()
@@ -96,7 +107,12 @@ def test_api_fuzz(
     negated = api_schema.is_security_param_negated(case)
     response = case.call(base_url=served.url, session=unsigned if negated else session, timeout=30)
     assert response.status_code < 500, response.text
-    case.validate_response(response)
+    excluded = []
+    if _refused_by_the_http_parser(response):
+        # Not HTTP at all (a raw byte aiohttp's parser will not take in the request line): it is
+        # refused before any of our code runs, as plain text. Everything else is problem+json.
+        excluded.append(content_type_conformance)
+    case.validate_response(response, excluded_checks=excluded)
     if case.meta is not None and case.meta.generation.mode == GenerationMode.NEGATIVE:
         if not 400 <= response.status_code < 500:
             # The one kind tolerated: a bodiless request to an operation that takes no body,

@@ -44,7 +44,10 @@ async def share(stack: Stack, tmp_path: Path, *, size: int = 150_000, grant: boo
 async def make_link(stack: Stack, shared: Shared, **options: Any) -> str:
     async with stack.client(shared.dev) as c:
         made = await api.create_link(c, shared.artifact_id, "tess", **options)
-    return str(made["url"])
+    # Links are written with the configured public URL; the test server took a free port.
+    public = stack.settings.effective_public_url
+    assert made["url"].startswith(public + "/l/exl1_")
+    return stack.url + str(made["url"])[len(public) :]
 
 
 @dataclass
@@ -74,8 +77,6 @@ async def refusals(stack: Stack, action: str | None = None) -> list[dict[str, An
         for e in await stack.events()
         if e["outcome"]["result"] == "denied" and (action is None or e["action"] == action)
     ]
-
-
 
 
 __all__ = ["USER_AGENT", "Answer", "Shared", "fetch", "make_link", "refusals", "share"]

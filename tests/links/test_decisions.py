@@ -1,0 +1,95 @@
+"""The pure parts: token parsing, Range checks and the token buckets, without any I/O."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from exchange.api.ratelimit import RateLimited, TokenBuckets
+from exchange.services.links import (
+    LinkRefused,
+    RangeNotSatisfiable,
+    check_range,
+    hash_token,
+    new_token,
+    parse_token,
+)
+from tests.conftest import FakeClock
+
+
+def test_tokens_carry_256_bits_and_parse_canonically() -> None:
+    token = new_token()
+    assert token.startswith("exl1_") and len(token) == 48
+    assert len(base64.urlsafe_b64decode(token[5:] + "=")) == 32
+    assert parse_token(token) == hash_token(token)
+    assert new_token() != token
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "exl1_",
+        "exl1_" + "A" * 42,
+        "exl1_" + "A" * 44,
+        "exl2_" + "A" * 43,
+        "EXL1_" + "A" * 43,
+        "exl1_" + "A" * 42 + "B",  # non-zero padding bits: a second spelling of a token
+        "exl1_" + "A" * 42 + "=",
+        "exl1_" + "A" * 41 + "+/",
+        "exl1_" + "A" * 42 + "\n",
+    ],
+)
+def test_malformed_tokens(text: str) -> None:
+    with pytest.raises(LinkRefused) as refused:
+        parse_token(text)
+    assert refused.value.reason == "link-malformed" and refused.value.code == "link-unavailable"
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, None),
+        ("bytes=0-99", (0, 99)),
+        ("bytes=10-", (10, 999)),
+        ("bytes=990-5000", (990, 999)),
+        ("bytes=-10", (990, 999)),
+        ("bytes=-5000", (0, 999)),
+        ("bytes=999-999", (999, 999)),
+    ],
+)
+def test_ranges_inside(header: str | None, expected: tuple[int, int] | None) -> None:
+    assert check_range(header, 1000) == expected
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["bytes=1000-", "bytes=1000-2000", "bytes=5-4", "bytes=-0", "bytes=-", "bytes=0-1,5-6", "items=0-1"],
+)
+def test_ranges_refused(header: str) -> None:
+    with pytest.raises(RangeNotSatisfiable):
+        check_range(header, 1000)
+
+
+def test_token_buckets_refill_with_the_clock() -> None:
+    clock = FakeClock(0)
+    buckets = TokenBuckets(per_min=60, burst=3, clock=clock)
+    for _ in range(3):
+        buckets.take("10.0.0.1", "from this address")
+    with pytest.raises(RateLimited) as limited:
+        buckets.take("10.0.0.1", "from this address")
+    assert limited.value.status == 429 and limited.value.extra["retry_after_s"] >= 1
+    buckets.take("10.0.0.2", "from this address")  # another key has its own bucket
+    clock.advance(1)
+    buckets.take("10.0.0.1", "from this address")  # one token a second
+    with pytest.raises(RateLimited):
+        buckets.take("10.0.0.1", "from this address")
+
+
+def test_token_buckets_stay_bounded() -> None:
+    clock = FakeClock(0)
+    buckets = TokenBuckets(per_min=60, burst=2, clock=clock, max_keys=100)
+    for i in range(1000):
+        buckets.take(f"key-{i}", "x")
+    assert len(buckets) <= 100
