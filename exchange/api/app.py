@@ -10,7 +10,6 @@ error into a problem detail — recording each refusal in the audit log.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
@@ -28,7 +27,7 @@ from .auth import authenticate, purge_nonces
 from .keys import AUDIT, CLOCK, DB, OPENAPI, SETTINGS, STORAGE, VALIDATORS
 from .openapi import build_document
 from .problems import from_exchange_error, from_http_exception, internal_error, problem_response
-from .routing import BODY, CTX, PRINCIPAL, ROUTE, Handler, Route
+from .routing import BODY, CTX, PRINCIPAL, ROUTE, Handler, Route, running
 from .schemas import Schema
 from .validation import BodyValidator, parse_json_object
 
@@ -167,13 +166,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             timeout_s=settings.storage_timeout_s,
         )
         app[STORAGE] = storage
-        purger = asyncio.create_task(_purge_nonces_forever(app))
         try:
-            yield
+            async with running(_purge_nonces_forever(app)):
+                yield
         finally:
-            purger.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await purger
             await storage.close()
     finally:
         await db.close()

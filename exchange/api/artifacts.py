@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,7 +20,7 @@ from ..format.manifest import KINDS, MANIFEST_TYPE, check_path
 from ..services import artifacts as svc
 from ..settings import Settings
 from .keys import AUDIT, CLOCK, DB, SETTINGS, STORAGE
-from .routing import BODY, CTX, PRINCIPAL, Route, path_param, query_param
+from .routing import BODY, CTX, PRINCIPAL, Route, page_limit, path_param, query_param, running
 from .schemas import INT, STR, Schema, name_schema, obj
 
 __all__ = ["ROUTES", "schemas"]
@@ -93,12 +92,7 @@ async def create_artifact(request: web.Request) -> web.Response:
 async def list_artifacts(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     q = request.query
-    try:
-        limit = int(q.get("limit", settings.page_size_default))
-    except ValueError:
-        raise ValidationError("query parameter 'limit' must be an integer", field="limit") from None
-    if not 1 <= limit <= settings.page_size_max:
-        raise ValidationError(f"query parameter 'limit' must be between 1 and {settings.page_size_max}")
+    limit = page_limit(request, settings.page_size_default, settings.page_size_max)
     status = q.get("status")
     if status is not None and status not in _STATUSES:
         raise ValidationError(f"query parameter 'status' must be one of: {', '.join(_STATUSES)}")
@@ -553,13 +547,8 @@ def schemas(settings: Settings) -> dict[str, Schema]:
 
 async def sweep_abandoned_uploads(app: web.Application) -> AsyncIterator[None]:
     """Cleanup context: abort uploads left unfinished longer than `upload_abandon_after_s`."""
-    task = asyncio.create_task(_sweep_forever(app))
-    try:
+    async with running(_sweep_forever(app)):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def sweep_once(app: web.Application) -> list[str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import dataclasses
 import logging
 import re
@@ -25,7 +24,7 @@ from ..services import auditlog as svc
 from ..services.principals import require_role
 from ..settings import Settings
 from .keys import AUDIT, CLOCK, DB, SETTINGS
-from .routing import CTX, PRINCIPAL, Route, path_param, query_param
+from .routing import CTX, PRINCIPAL, Route, path_param, query_param, running
 from .schemas import INT, STR, Schema, obj
 
 __all__ = ["PUBLISHER", "ROUTES", "publisher_ctx", "schemas"]
@@ -51,13 +50,8 @@ async def publisher_ctx(app: web.Application) -> AsyncIterator[None]:
     app[SIGNER] = signer
     log.info("audit log verifier key: %s", signer.verifier_key())
     publisher = app[PUBLISHER] = svc.Publisher(app[DB], app[AUDIT], signer, settings, app[CLOCK])
-    task = asyncio.create_task(publisher.run_forever())
-    try:
+    async with running(publisher.run_forever()):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def _int(request: web.Request, name: str, default: int | None = None) -> int:

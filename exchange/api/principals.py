@@ -13,7 +13,7 @@ from ..services import principals as svc
 from ..settings import Settings
 from .auth import authenticate_with_key
 from .keys import AUDIT, CLOCK, DB, SETTINGS
-from .routing import BODY, CTX, PRINCIPAL, Route, path_param, query_param
+from .routing import BODY, CTX, PRINCIPAL, Route, page_limit, path_param, query_param
 from .schemas import INT, STR, Schema, name_schema, obj
 
 __all__ = ["ROUTES", "schemas"]
@@ -95,12 +95,7 @@ async def enroll(request: web.Request) -> web.Response:
 async def list_principals(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     q = request.query
-    try:
-        limit = int(q.get("limit", settings.page_size_default))
-    except ValueError:
-        raise ValidationError("query parameter 'limit' must be an integer", field="limit") from None
-    if not 1 <= limit <= settings.page_size_max:
-        raise ValidationError(f"query parameter 'limit' must be between 1 and {settings.page_size_max}")
+    limit = page_limit(request, settings.page_size_default, settings.page_size_max)
     role = q.get("role")
     if role is not None and role not in svc.ROLES:
         raise ValidationError(f"query parameter 'role' must be one of: {', '.join(svc.ROLES)}", field="role")

@@ -8,12 +8,16 @@ one route that verifies a signature against a key carried in its own body (enrol
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from aiohttp import web
 
+from ..errors import ValidationError
 from ..services.audit import Context
 from ..services.principals import Principal
 
@@ -53,6 +57,29 @@ CTX = web.RequestKey("exchange.ctx", Context)
 PRINCIPAL = web.RequestKey("exchange.principal", Principal)
 BODY = web.RequestKey("exchange.body", dict)
 ROUTE = web.RequestKey("exchange.route", Route)
+
+
+def page_limit(request: web.Request, default: int, maximum: int) -> int:
+    """The `limit` query parameter of a list endpoint, within 1..maximum."""
+    try:
+        limit = int(request.query.get("limit", default))
+    except ValueError:
+        raise ValidationError("query parameter 'limit' must be an integer", field="limit") from None
+    if not 1 <= limit <= maximum:
+        raise ValidationError(f"query parameter 'limit' must be between 1 and {maximum}", field="limit")
+    return limit
+
+
+@asynccontextmanager
+async def running(work: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
+    """Run a background task for the life of the block (a cleanup context), then cancel it."""
+    task = asyncio.create_task(work)
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def query_param(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
