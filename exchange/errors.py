@@ -96,6 +96,12 @@ class ExchangeError(Exception):
         # Extra members for the problem detail (e.g. the offending field). Never secrets.
         self.extra = extra
 
+    @property
+    def audit_reason(self) -> str:
+        """What the audit log records for this refusal: the code, unless a subclass keeps a more
+        precise reason for the log behind a deliberately uniform answer."""
+        return self.code
+
 
 class InputError(ExchangeError):
     status = 400

@@ -14,6 +14,8 @@ This module does not touch the network, the database or the storage.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import re
 import tomllib
 import urllib.parse
 from collections.abc import Mapping
@@ -24,7 +26,7 @@ from typing import Any
 from .durations import parse_duration
 from .errors import ValidationError
 
-__all__ = ["Settings"]
+__all__ = ["Settings", "is_internal_address"]
 
 _PREFIX = "EXCHANGE_"
 
@@ -92,6 +94,11 @@ class Settings:
     witness_quorum: int = 0
     #: Timeout of one add-checkpoint call to a witness.
     witness_timeout_s: float = 5.0
+    #: Allow witness URLs on loopback, private, link-local or metadata addresses (127/8, 10/8,
+    #: 172.16/12, 192.168/16, 169.254/16, ::1, fc00::/7, 0.0.0.0, localhost). Off: such a witness
+    #: is refused when configured, and a name that resolves to one is refused at every connection.
+    #: For local development and tests; a witness is another organisation's public service.
+    witness_allow_private: bool = False
 
     # -- artifacts --------------------------------------------------------------------------------
     #: An upload not completed this long after it started is aborted and its parts removed.
@@ -118,6 +125,18 @@ class Settings:
     #: Redemptions of one link per minute (token bucket, per replica), and its burst.
     redeem_link_requests_per_min: int = 600
     redeem_link_burst_requests: int = 120
+
+    # -- findings --
+    #: Largest finding body (Markdown, plaintext bytes; attachments are artifacts, of any size).
+    finding_body_max_bytes: int = 1024 * 1024
+    #: Largest encrypted note on a lifecycle move.
+    finding_note_max_bytes: int = 64 * 1024
+    #: Principals every finding is also encrypted to (a clearinghouse), comma-separated names.
+    finding_clearinghouse: str = ""
+
+    @property
+    def finding_clearinghouse_names(self) -> tuple[str, ...]:
+        return tuple(n.strip() for n in self.finding_clearinghouse.split(",") if n.strip())
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -159,6 +178,10 @@ class Settings:
             value = getattr(self, name)
             if value:
                 _check_http_url(name, value)
+        for url in self.witness_url_list:
+            _check_http_url("witness_urls", url)
+            if not self.witness_allow_private:
+                _check_public_host("witness_urls", url)
         if self.database_url and not self.database_url.startswith(
             ("sqlite:///", "postgresql://", "postgres://")
         ):
@@ -184,6 +207,10 @@ class Settings:
     @property
     def effective_s3_public_endpoint(self) -> str:
         return self.s3_public_endpoint or self.s3_endpoint
+
+    @property
+    def witness_url_list(self) -> list[str]:
+        return [u.strip() for u in self.witness_urls.split(",") if u.strip()]
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -214,6 +241,16 @@ class Settings:
 
 
 _DURATION_SETTINGS = {f.name for f in fields(Settings) if f.name.endswith("_s")}
+_BOOLEANS = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+}
 
 
 def _coerce(name: str, raw: Any) -> Any:
@@ -228,6 +265,12 @@ def _coerce(name: str, raw: Any) -> Any:
             else:
                 seconds = parse_duration(str(raw))
             return seconds if kind == "float" else int(seconds)
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            if isinstance(raw, str) and raw.strip().lower() in _BOOLEANS:
+                return _BOOLEANS[raw.strip().lower()]
+            raise ValueError("use true or false (or 1 or 0)")
         if kind == "int":
             if isinstance(raw, bool):
                 raise TypeError
@@ -244,10 +287,64 @@ def _coerce(name: str, raw: Any) -> Any:
 
 
 def _check_http_url(name: str, value: str) -> None:
+    if any(ch.isspace() or not ch.isprintable() for ch in value):
+        raise ValidationError(f"setting {name} must not contain spaces or control characters")
     parsed = urllib.parse.urlsplit(value)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ValidationError(f"setting {name} must be an http(s) URL with a host")
-    if parsed.username or parsed.password:
+    if "@" in parsed.netloc:
         raise ValidationError(f"setting {name} must not carry credentials in the URL")
-    if parsed.query or parsed.fragment:
+    if parsed.query or parsed.fragment or "#" in value or "?" in value:
         raise ValidationError(f"setting {name} must not have a query or fragment")
+    try:
+        parsed.port  # noqa: B018 - parsing it is the check
+    except ValueError:
+        raise ValidationError(f"setting {name} has an invalid port") from None
+    host = parsed.hostname.rstrip(".")
+    # inet_aton's forms ("127.1", "0x7f.1", "2130706433") are addresses to most resolvers, which
+    # would hide what the URL points at.
+    if _NUMERIC_HOST.fullmatch(host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValidationError(
+                f"setting {name}: {host!r} is a numeric address in a non-standard form; write it as"
+                " a dotted quad or use a name"
+            ) from None
+
+
+#: Names that always mean this machine, whatever DNS says.
+_LOCAL_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
+_NUMERIC_HOST = re.compile(r"(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}")
+#: NAT64's well-known prefix embeds an IPv4 address in its last 32 bits.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def is_internal_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Is `ip` anything but a public unicast address? Loopback, private (10/8, 172.16/12,
+    192.168/16, fc00::/7), link-local (169.254/16 with the cloud metadata service, fe80::/10),
+    shared (100.64/10), unspecified (0.0.0.0, ::), multicast, reserved; also when embedded in an
+    IPv6 address (IPv4-mapped, 6to4, NAT64)."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None and is_internal_address(embedded):
+            return True
+    return not ip.is_global or ip.is_multicast
+
+
+def _check_public_host(name: str, url: str) -> None:
+    """Refuse a URL whose host is an internal address literal or a name for this machine; other
+    names are checked each time they are resolved (see `exchange.witness.PublicResolver`)."""
+    host = (urllib.parse.urlsplit(url).hostname or "").rstrip(".").lower()
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    if (ip is not None and is_internal_address(ip)) or host in _LOCAL_NAMES or host.endswith(".localhost"):
+        raise ValidationError(
+            f"setting {name}: {url!r} points at a loopback, private, link-local or metadata address;"
+            " witnesses must be public services (set witness_allow_private = true, env"
+            " EXCHANGE_WITNESS_ALLOW_PRIVATE=1, only for local development and tests)"
+        )

@@ -3,7 +3,10 @@
 The service hands clients presigned SigV4 URLs and lets them move the ciphertext to and from
 storage themselves; here are the few calls it makes on its own behalf. boto3 is synchronous, so
 every call that touches the network runs on a small thread pool, off the event loop. Presigning
-is local computation and runs inline.
+is local computation and runs inline. A plain GET, presigned on every link redemption, is
+signed by the minio SDK (region given, so it never asks the network), about three times cheaper
+than boto3 for the same SigV4 query-string signature; PUTs that sign `Content-Length` and
+`x-amz-checksum-sha256` as headers stay with boto3.
 
 Two endpoints: `endpoint` is where the service reaches storage, `public_endpoint` is what goes
 into presigned URLs (clients may reach storage by another name, e.g. through a proxy). A SigV4
@@ -21,12 +24,15 @@ import secrets
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from minio import Minio
 
 from .errors import Conflict, NotFound, StorageUnavailable
 
@@ -70,6 +76,21 @@ class ObjectInfo:
     key: str
     size: int
     etag: str
+
+
+def _minio_presigner(endpoint: str, region: str, access_key_id: str, secret_access_key: str) -> Minio | None:
+    """The minio SDK for presigned GETs at `endpoint`; None for an endpoint it cannot name (a
+    path prefix, or no host), which boto3 then signs. With the region given it never calls out."""
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/") or parts.query:
+        return None
+    return Minio(
+        parts.netloc,
+        access_key=access_key_id,
+        secret_key=secret_access_key,
+        secure=parts.scheme == "https",
+        region=region,
+    )
 
 
 def _bound_put(url: str, content_length: int, checksum_sha256: str) -> PresignedRequest:
@@ -118,6 +139,9 @@ class Storage:
         self.bucket = bucket
         self._client = client(endpoint)
         self._presigner = client(public_endpoint or endpoint)
+        self._get_presigner = _minio_presigner(
+            public_endpoint or endpoint, region, access_key_id, secret_access_key
+        )
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="s3")
 
     async def _run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
@@ -156,6 +180,10 @@ class Storage:
     # -- presigned URLs (local computation) -----------------------------------------------------
 
     def presign_get(self, key: str, *, ttl_s: int) -> str:
+        if self._get_presigner is not None:
+            return str(
+                self._get_presigner.presigned_get_object(self.bucket, key, expires=timedelta(seconds=ttl_s))
+            )
         return self._presigner.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=ttl_s
         )

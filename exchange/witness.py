@@ -22,6 +22,11 @@ returned, so that no crash or concurrent request can roll it back.
 
 This module also holds the client side (`request_cosignatures`), used by the service to collect
 cosignatures. It does not fetch anything from logs; it trusts only the log keys it was given.
+A witness URL is configuration that points the service's own HTTP client somewhere, so the client
+cannot be turned against internal addresses: the URL's form and literal addresses are checked in
+`Settings`, every name is checked again each time it is resolved (`PublicResolver`: an internal
+answer refuses the connection, so DNS rebinding gains nothing), and redirects are never followed
+(a 3xx is a failed call), unless `witness_allow_private` says the witnesses are local.
 """
 
 from __future__ import annotations
@@ -29,10 +34,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import ipaddress
 import json
 import logging
 import os
 import re
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,6 +47,8 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 
 from .errors import NoteError, ProofError
 from .format import merkle
@@ -52,15 +61,19 @@ from .format.note import (
     open_note,
     parse_note,
 )
+from .settings import is_internal_address
 
 __all__ = [
     "MAX_PROOF_LINES",
+    "InternalAddressRefused",
+    "PublicResolver",
     "WitnessKey",
     "WitnessState",
     "create_witness_app",
     "format_add_checkpoint",
     "parse_add_checkpoint",
     "request_cosignature",
+    "witness_session",
 ]
 
 log = logging.getLogger("exchange.witness")
@@ -309,6 +322,48 @@ def create_witness_app(witness: Witness) -> web.Application:
 # -- the client: collecting cosignatures ---------------------------------------------------------------
 
 
+class InternalAddressRefused(OSError):
+    """A witness name resolved to a loopback, private, link-local or metadata address."""
+
+
+class PublicResolver(AbstractResolver):
+    """Resolves as usual, then refuses the whole answer if any address in it is internal.
+
+    Checked at every connection, not once at start: a name that answers with a public address
+    today and 169.254.169.254 tomorrow (DNS rebinding) is refused tomorrow. aiohttp does not
+    resolve address literals; `Settings` refuses internal ones when it is built.
+    """
+
+    def __init__(self, inner: AbstractResolver | None = None) -> None:
+        self._inner = inner if inner is not None else DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        answers = await self._inner.resolve(host, port, family)
+        for answer in answers:
+            address = ipaddress.ip_address(answer["host"].split("%", 1)[0])
+            if is_internal_address(address):
+                raise InternalAddressRefused(
+                    f"{host} resolves to {address}, an internal address; witnesses must be public"
+                    " (witness_allow_private is off)"
+                )
+        return answers
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def witness_session(*, timeout_s: float, allow_private: bool) -> aiohttp.ClientSession:
+    """The HTTP client the service asks witnesses with: no proxies from the environment, and
+    (unless `allow_private`) no connection to an internal address. Redirects are refused per
+    request in `request_cosignature`."""
+    connector = aiohttp.TCPConnector(resolver=None if allow_private else PublicResolver())
+    return aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=timeout_s), connector=connector, trust_env=False
+    )
+
+
 @dataclass
 class CosignResult:
     signature: Signature | None
@@ -328,16 +383,22 @@ async def request_cosignature(
     """One add-checkpoint call; returns the first cosignature that verifies against a known key.
 
     On 409 with a size the caller retries with a proof from that size. Cosignatures from keys
-    not in `witness_vkeys` are ignored, as the spec asks.
+    not in `witness_vkeys` are ignored, as the spec asks. A redirect is not followed: it is a
+    failed call (a witness that moved is reconfigured by the operator, not by its answers).
     """
     body = format_add_checkpoint(old_size, proof, note)
     endpoint = url.rstrip("/") + "/add-checkpoint"
     try:
-        async with session.post(endpoint, data=body) as resp:
+        async with session.post(endpoint, data=body, allow_redirects=False) as resp:
             raw = await resp.content.read(MAX_BODY_BYTES)
             status, content_type = resp.status, resp.content_type
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        refused = exc if isinstance(exc, InternalAddressRefused) else exc.__cause__
+        if isinstance(refused, InternalAddressRefused):
+            return CosignResult(None, None, f"refused: {refused}")
         return CosignResult(None, None, f"unreachable: {exc.__class__.__name__}")
+    if 300 <= status < 400:
+        return CosignResult(None, None, f"HTTP {status}: a redirect, not followed")
     if status == 409 and content_type == SIZE_CONTENT_TYPE:
         text = raw.decode("ascii", "replace").strip()
         return CosignResult(None, int(text) if text.isdigit() else None, "conflict: " + text)

@@ -1,20 +1,38 @@
-"""scripts/bench-api: the running service under concurrent signed clients, against a bare aiohttp
-handler on the same machine as the ceiling.
+"""scripts/bench-api: the running service under concurrent clients on loopback, against a bare
+aiohttp handler on the same machine as the ceiling.
 
 The parent starts a throwaway SeaweedFS, `exchange init` and `exchange serve` (SQLite, durable
-commits) in a temporary directory, and a bare aiohttp app in a process of its own. Then, for each
-scenario, it drives a bounded number of concurrent clients on loopback for a bounded time and
-prints requests/s, p50 and p99 latency, the statuses seen, and the server's RSS and descriptors
-before and after. For the scenarios that change state it also checks that the audit log grew by
-exactly the number of 2xx answers.
+commits) in a temporary directory, and a bare aiohttp app in a process of its own. It enrols a
+developer and a tester (another organisation) through invites, uploads a small artifact as the
+developer, grants it to the tester, makes two links (one whose download session it opens) and
+then drives each scenario for a bounded time from a load generator in a process of its own, so
+that the generator's CPU is not the server's: keep-alive connections speaking raw HTTP/1.1, with
+every signed request signed before the timed window (each needs a unique nonce). It prints
+requests/s, p50 and p99 latency, the statuses seen, the server's CPU seconds per request (from
+/proc/PID/stat: what matters for capacity) and its RSS and descriptors before and after. For the
+scenarios that write it checks that the audit log grew by exactly one event per answer (every
+success has its event, and so does every refusal, a 429 included).
+
+Link redemption is rate-limited per client IP and per link; from one loopback address the
+throughput scenarios need those limits raised, so the server is restarted with
+EXCHANGE_REDEEM_* raised after one short scenario at the default limits, which must show 429 as
+the only refusal.
+
+`--soak 10m` instead runs issuance, redemption and audit queries together for that long and
+samples the server's RSS and descriptors as it goes: they must stay flat.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import concurrent.futures
+import hashlib
 import json
+import multiprocessing
 import os
+import secrets
 import signal
 import socket
 import sqlite3
@@ -24,18 +42,30 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
-import aiohttp
-
+from exchange.client import Client
+from exchange.client import links as links_api
 from exchange.client.signing import sign_headers
+from exchange.client.transfer import upload
 from exchange.durations import parse_duration
 from exchange.identity import Identity
 from exchange.seaweed import S3Credentials, SeaweedFS
 
 EXCHANGE = [sys.executable, "-m", "exchange.cli"]
+#: Redemption limits for the throughput scenarios (one client address, one link).
+RAISED_LIMITS = {
+    "EXCHANGE_REDEEM_IP_REQUESTS_PER_MIN": "100000000",
+    "EXCHANGE_REDEEM_IP_BURST_REQUESTS": "100000000",
+    "EXCHANGE_REDEEM_LINK_REQUESTS_PER_MIN": "100000000",
+    "EXCHANGE_REDEEM_LINK_BURST_REQUESTS": "100000000",
+}
+#: A signed request older than this is signed afresh (the server allows 300 s of skew).
+RESIGN_AFTER_S = 240
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -66,78 +96,221 @@ def process_stats(pid: int) -> tuple[float, int]:
     return rss_kib / 1024, len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds of each thread of a process, by thread id."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
 def audit_size(db: Path) -> int:
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
         return int(conn.execute("SELECT size FROM audit_head").fetchone()[0])
 
 
+# -- requests: signed ahead of time, sent as raw HTTP/1.1 -----------------------------------------
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """One kind of request; `signer` (seed, key id) if it must be signed, each time anew."""
+
+    method: str
+    url: str
+    body: bytes = b""
+    content_type: str | None = None
+    signer: tuple[bytes, str] | None = None
+
+
+def _wire(method: str, url: str, headers: dict[str, str], body: bytes) -> bytes:
+    parts = urlsplit(url)
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {parts.netloc}", f"Content-Length: {len(body)}"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+class FastSigner:
+    """RFC 9421 signatures as `exchange.client.signing.sign_headers` makes them, byte for byte
+    (Ed25519 is deterministic; checked against it once), at a twentieth of the cost."""
+
+    def __init__(self, seed: bytes, key_id: str) -> None:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        self._key = Ed25519PrivateKey.from_private_bytes(seed)
+        self.key_id = key_id
+
+    def headers(self, spec: RequestSpec, *, created: int, nonce: str) -> dict[str, str]:
+        digest = "sha-256=:" + base64.b64encode(hashlib.sha256(spec.body).digest()).decode() + ":"
+        params = (
+            '("@method" "@target-uri" "content-digest")'
+            f';created={created};keyid="{self.key_id}";alg="ed25519";nonce="{nonce}"'
+        )
+        base = (
+            f'"@method": {spec.method}\n"@target-uri": {spec.url}\n"content-digest": {digest}\n'
+            f'"@signature-params": {params}'
+        )
+        signature = base64.b64encode(self._key.sign(base.encode())).decode()
+        out = {"Content-Type": spec.content_type} if spec.content_type else {}
+        return out | {
+            "Content-Digest": digest,
+            "Signature-Input": f"exchange={params}",
+            "Signature": f"exchange=:{signature}:",
+        }
+
+    def wire(self, spec: RequestSpec) -> bytes:
+        headers = self.headers(spec, created=int(time.time()), nonce=secrets.token_urlsafe(18))
+        return _wire(spec.method, spec.url, headers, spec.body)
+
+
+def check_fast_signer(identity: Identity) -> None:
+    import datetime
+
+    spec = RequestSpec("POST", "http://127.0.0.1:1/v1/links?x=1", b'{"a": 1}', "application/json")
+    created, nonce = 1_700_000_000, "n" * 24
+    slow = sign_headers(
+        identity,
+        method=spec.method,
+        url=spec.url,
+        body=spec.body,
+        headers={"Content-Type": "application/json"},
+        created=datetime.datetime.fromtimestamp(created, datetime.UTC),
+        nonce=nonce,
+    )
+    fast = FastSigner(identity.signing_seed, identity.key_id).headers(spec, created=created, nonce=nonce)
+    if fast != slow:
+        raise SystemExit(f"the benchmark's signer disagrees with the client's:\n{fast}\n{slow}")
+
+
+class Source:
+    """Request bytes to send: the same bytes each time, or freshly signed ones from a pool."""
+
+    def __init__(self, spec: RequestSpec, presign: int) -> None:
+        self.spec = spec
+        self.signed_in_window = 0
+        if spec.signer is None:
+            self._fixed: bytes | None = _wire(
+                spec.method,
+                spec.url,
+                {"Content-Type": spec.content_type} if spec.content_type else {},
+                spec.body,
+            )
+            self._pool: list[bytes] = []
+        else:
+            self._fixed = None
+            self._signer = FastSigner(*spec.signer)
+            self._pool = [self._signer.wire(spec) for _ in range(presign)]
+            self._pool.reverse()
+            self._signed_at = time.monotonic()
+
+    def next(self) -> bytes:
+        if self._fixed is not None:
+            return self._fixed
+        if self._pool and time.monotonic() - self._signed_at < RESIGN_AFTER_S:
+            return self._pool.pop()
+        self.signed_in_window += 1
+        return self._signer.wire(self.spec)
+
+
 @dataclass
-class Result:
+class StreamResult:
     name: str
-    seconds: float
+    seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)
     statuses: Counter[int] = field(default_factory=Counter)
     errors: int = 0
+    signed_in_window: int = 0
 
     @property
-    def ok(self) -> int:
-        return sum(n for s, n in self.statuses.items() if 200 <= s < 300)
+    def answered(self) -> int:
+        return len(self.latencies)
 
-    def row(self, ceiling: float | None) -> str:
+    def count(self, low: int, high: int) -> int:
+        return sum(n for s, n in self.statuses.items() if low <= s < high)
+
+    def rps(self) -> float:
+        return self.answered / self.seconds if self.seconds else 0.0
+
+    def percentile(self, q: float) -> float:
         lat = sorted(self.latencies) or [0.0]
-        p50 = lat[len(lat) // 2] * 1000
-        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000
-        rps = len(self.latencies) / self.seconds
-        ratio = f"{rps / ceiling:6.2f}x" if ceiling else "     -"
-        statuses = ",".join(f"{s}:{n}" for s, n in sorted(self.statuses.items()))
-        return f"{self.name:<28} {rps:9.0f} {ratio} {p50:8.1f} {p99:8.1f}   {statuses} errors:{self.errors}"
+        return lat[min(len(lat) - 1, int(len(lat) * q))] * 1000
 
 
-Request = Callable[[aiohttp.ClientSession], Awaitable[int]]
+async def _connection(host: str, port: int, source: Source, result: StreamResult, stop: float) -> None:
+    reader: asyncio.StreamReader | None = None
+    writer: asyncio.StreamWriter | None = None
+    while time.monotonic() < stop:
+        try:
+            if writer is None:
+                reader, writer = await asyncio.open_connection(host, port)
+            assert reader is not None
+            data = source.next()
+            started = time.perf_counter()
+            writer.write(data)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            length = 0
+            close = False
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                name = name.strip().lower()
+                if name == b"content-length":
+                    length = int(value)
+                elif name == b"connection" and value.strip().lower() == b"close":
+                    close = True
+                elif name == b"transfer-encoding":
+                    raise ValueError("chunked answers are not read by this generator")
+            if length:
+                await reader.readexactly(length)
+            result.latencies.append(time.perf_counter() - started)
+            result.statuses[status] += 1
+            if close:
+                writer.close()
+                writer = None
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+            result.errors += 1
+            if writer is not None:
+                writer.close()
+            writer = None
+    if writer is not None:
+        writer.close()
 
 
-async def drive(name: str, make: Request, *, concurrency: int, seconds: float) -> Result:
-    result = Result(name=name, seconds=seconds)
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
+def generate(
+    streams: list[tuple[str, RequestSpec, int, int]], host: str, port: int, seconds: float
+) -> list[StreamResult]:
+    """The load generator, in a process of its own: `streams` are (name, request, connections,
+    requests to sign ahead); all run at once for `seconds`."""
+    sources = [Source(spec, presign) for _, spec, _, presign in streams]
+
+    async def main() -> list[StreamResult]:
+        results = [StreamResult(name) for name, *_ in streams]
         stop = time.monotonic() + seconds
+        started = time.monotonic()
+        await asyncio.gather(
+            *(
+                _connection(host, port, source, result, stop)
+                for (_, _, conns, _), source, result in zip(streams, sources, results, strict=True)
+                for _ in range(conns)
+            )
+        )
+        for source, result in zip(sources, results, strict=True):
+            result.seconds = time.monotonic() - started
+            result.signed_in_window = source.signed_in_window
+        return results
 
-        async def worker() -> None:
-            while time.monotonic() < stop:
-                started = time.perf_counter()
-                try:
-                    status = await make(session)
-                except (aiohttp.ClientError, TimeoutError):
-                    result.errors += 1
-                    continue
-                result.latencies.append(time.perf_counter() - started)
-                result.statuses[status] += 1
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return result
-
-
-def signed_request(
-    identity: Identity, method: str, url: str, body: dict[str, object] | None = None
-) -> Request:
-    async def call(session: aiohttp.ClientSession) -> int:
-        data = b"" if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        headers = sign_headers(identity, method=method, url=url, body=data, headers=headers)
-        async with session.request(method, url, data=data, headers=headers) as resp:
-            await resp.read()
-            return resp.status
-
-    return call
-
-
-def plain_get(url: str) -> Request:
-    async def call(session: aiohttp.ClientSession) -> int:
-        async with session.get(url) as resp:
-            await resp.read()
-            return resp.status
-
-    return call
+    return asyncio.run(main())
 
 
 def ceiling_app(port: int) -> None:
@@ -152,16 +325,177 @@ def ceiling_app(port: int) -> None:
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
 
+# -- the stack --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Fixture:
+    """What the scenarios use: the principals and the links."""
+
+    admin: Identity
+    developer: Identity
+    tester: Identity
+    artifact: str
+    session_token: str
+    session: str
+    counted_token: str
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        self.args = args
+        self.work = work
+        self.db = work / "exchange.db"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server: subprocess.Popen[bytes] | None = None
+        self.pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+
+    def start_server(self, env: dict[str, str], *, profile: str | None = None) -> None:
+        log = (self.work / "serve.log").open("a")
+        cmd = [*EXCHANGE, "serve"]
+        if profile:
+            cmd = [sys.executable, "-m", "cProfile", "-o", profile, "-m", "exchange.cli", "serve"]
+        self.server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        wait_http(self.url + "/healthz", self.server)
+
+    def stop_server(self) -> None:
+        if self.server is not None:
+            self.server.send_signal(signal.SIGINT)
+            try:
+                self.server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.server.kill()
+            self.server = None
+
+    async def run(
+        self,
+        streams: list[tuple[str, RequestSpec, int, int]],
+        seconds: float,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+    ) -> list[StreamResult]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, generate, streams, host, port or self.port, seconds)
+
+
+async def setup(url: str, admin: Identity, work: Path) -> Fixture:
+    """A developer and a tester (other organisation) enrolled through invites, a small artifact
+    uploaded and granted, one link with an open download session and one without a limit."""
+    async with Client(url, admin) as c:
+        for org in ("dev", "test"):
+            await c.create_org(org)
+        invites = {
+            "dev": await c.create_invite(role="developer", org="dev"),
+            "tess": await c.create_invite(role="tester", org="test"),
+        }
+    ids = {name: Identity.generate() for name in invites}
+    async with Client(url) as anon:
+        for name, invite in invites.items():
+            await anon.enroll(invite["code"], name, ids[name])
+    model = work / "model"
+    model.mkdir()
+    (model / "weights.bin").write_bytes(os.urandom(256 * 1024))
+    (model / "config.json").write_text('{"layers": 2}')
+    async with Client(url, ids["dev"]) as dev:
+        artifact = await upload(dev, model)
+        await links_api.grant(dev, artifact, "tess")
+        session_link = await links_api.create_link(dev, artifact, "tess", expires_in_s=86400)
+        counted_link = await links_api.create_link(dev, artifact, "tess", expires_in_s=86400)
+    _, session_token = links_api.split_link(session_link["url"])
+    _, counted_token = links_api.split_link(counted_link["url"])
+    async with Client(url) as anon:
+        opened = await links_api.open_session(anon, session_token)
+    return Fixture(
+        admin, ids["dev"], ids["tess"], artifact, session_token, str(opened["session"]), counted_token
+    )
+
+
+def signed(identity: Identity, method: str, url: str, body: dict[str, Any] | None = None) -> RequestSpec:
+    data = b"" if body is None else json.dumps(body).encode()
+    return RequestSpec(
+        method,
+        url,
+        data,
+        "application/json" if body is not None else None,
+        (identity.signing_seed, identity.key_id),
+    )
+
+
+HEADER = (
+    f"{'scenario':<40} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'srv CPU ms/req':>14}"
+    f"   statuses, server RSS MiB and fds before->after"
+)
+
+
+def report(
+    result: StreamResult, cpu: float | None, stats: tuple[tuple[float, int], tuple[float, int]] | None
+) -> str:
+    per = f"{cpu / result.answered * 1000:14.2f}" if cpu is not None and result.answered else f"{'-':>14}"
+    statuses = ",".join(f"{s}:{n}" for s, n in sorted(result.statuses.items()))
+    line = (
+        f"{result.name:<40} {result.rps():7.0f} {result.percentile(0.5):7.1f} {result.percentile(0.99):7.1f}"
+        f" {per}   {statuses} errors:{result.errors}"
+    )
+    if stats:
+        (rss0, fds0), (rss1, fds1) = stats
+        line += f"  RSS {rss0:.0f}->{rss1:.0f} fds {fds0}->{fds1}"
+    if result.signed_in_window:
+        line += f"  ({result.signed_in_window} signed in the window)"
+    return line
+
+
+async def scenario(
+    bench: Bench,
+    name: str,
+    spec: RequestSpec,
+    *,
+    seconds: float,
+    concurrency: int,
+    writes: bool,
+    presign: int = 0,
+    events_per_success: int = 1,
+) -> StreamResult:
+    assert bench.server is not None
+    pid = bench.server.pid
+    events0 = audit_size(bench.db)
+    stats0, cpu0, threads0 = process_stats(pid), cpu_seconds(pid), thread_cpu_seconds(pid)
+    (result,) = await bench.run([(name, spec, concurrency, presign)], seconds)
+    cpu1, stats1, threads1 = cpu_seconds(pid), process_stats(pid), thread_cpu_seconds(pid)
+    print(report(result, cpu1 - cpu0, (stats0, stats1)), flush=True)
+    if result.answered:
+        loop = threads1.get(pid, 0.0) - threads0.get(pid, 0.0)
+        print(
+            f"{'':<40} server CPU ms/request: {loop / result.answered * 1000:.2f} in the event loop,"
+            f" {(cpu1 - cpu0 - loop) / result.answered * 1000:.2f} in other threads (database, storage)",
+            flush=True,
+        )
+    if writes:
+        # Each success is one event, and so is each refusal (a 429 included).
+        grown = audit_size(bench.db) - events0
+        ok = result.count(200, 400)
+        refused = result.answered - ok
+        expected = ok * events_per_success + refused
+        verdict = "equal" if grown == expected else "MISMATCH"
+        each = f" x {events_per_success}" if events_per_success != 1 else ""
+        print(
+            f"{'':<40} audit events +{grown} for {ok} successes{each} + {refused} refusals: {verdict}",
+            flush=True,
+        )
+    return result
+
+
 async def run(args: argparse.Namespace, work: Path) -> None:
     store = SeaweedFS(work / "storage", credentials=S3Credentials.generate())
     store.start()
-    procs: list[subprocess.Popen[bytes]] = []
+    bench = Bench(args, work)
+    ceiling_proc: subprocess.Popen[bytes] | None = None
     try:
         store.ensure_bucket("exchange")
-        port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_")} | {
             "EXCHANGE_HOME": str(work),
-            "EXCHANGE_PORT": str(port),
+            "EXCHANGE_PORT": str(bench.port),
             "EXCHANGE_S3_ENDPOINT": store.endpoint,
             "EXCHANGE_S3_ACCESS_KEY_ID": store.credentials.access_key_id,
             "EXCHANGE_S3_SECRET_ACCESS_KEY": store.credentials.secret_access_key,
@@ -170,68 +504,154 @@ async def run(args: argparse.Namespace, work: Path) -> None:
         subprocess.run(
             [*EXCHANGE, "--identity", str(admin_path), "init"], env=env, check=True, capture_output=True
         )
-        log = (work / "serve.log").open("w")
-        server = subprocess.Popen([*EXCHANGE, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
-        procs.append(server)
-        url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/healthz", server)
+        admin = Identity.load(admin_path)
+        check_fast_signer(admin)
+        bench.start_server(env)
+        url = bench.url
+        fx = await setup(url, admin, work)
+        seconds, conc = args.duration, args.concurrency
+        presign = args.presign
+        load = os.getloadavg()
+        print(
+            f"{conc} connections, {seconds:.0f} s per scenario, SQLite (synchronous=FULL),"
+            f" {os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+        )
+        session_file = RequestSpec("GET", f"{url}/l/{fx.session_token}/files/0?session={fx.session}")
+        counted_file = RequestSpec("GET", f"{url}/l/{fx.counted_token}/files/0")
+        issue = signed(
+            fx.developer,
+            "POST",
+            url + "/v1/links",
+            {"artifact": fx.artifact, "recipient": "tess", "expires_in_s": 3600},
+        )
+        query = signed(admin, "GET", url + "/v1/audit/events?actor=dev&action=link.create&limit=20")
+
+        print("\nat the default redemption limits (EXCHANGE_REDEEM_*: 120/min and burst 60 per address):")
+        print(HEADER)
+        await scenario(
+            bench,
+            "GET /l/T/files/0?session= (default)",
+            session_file,
+            seconds=min(seconds, 5),
+            concurrency=conc,
+            writes=True,
+        )
+        bench.stop_server()
+        bench.start_server(env | RAISED_LIMITS, profile=args.profile)
+        print(f"\nredemption limits raised for one loopback client ({', '.join(RAISED_LIMITS)}=10^8):")
+
+        if args.soak:
+            await soak(bench, args.soak, conc, [issue, session_file, query], presign)
+            return
+
         ceiling_port = free_port()
         code = (
             f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
             f"import _bench_api; _bench_api.ceiling_app({ceiling_port})"
         )
         ceiling_proc = subprocess.Popen([sys.executable, "-c", code])
-        procs.append(ceiling_proc)
         wait_http(f"http://127.0.0.1:{ceiling_port}/", ceiling_proc)
-
-        admin = Identity.load(admin_path)
-        async with aiohttp.ClientSession() as s:
-            await signed_request(admin, "POST", url + "/v1/orgs", {"name": "bench"})(s)
-
-        db = work / "exchange.db"
-        print(f"{args.concurrency} clients, {args.duration:.0f} s per scenario, SQLite (synchronous=FULL)")
-        print(f"{'scenario':<28} {'req/s':>9} {'ratio':>7} {'p50 ms':>8} {'p99 ms':>8}   statuses")
-        scenarios: list[tuple[str, Request, bool]] = [
-            ("bare aiohttp (ceiling)", plain_get(f"http://127.0.0.1:{ceiling_port}/"), False),
-            ("GET /healthz (unsigned)", plain_get(url + "/healthz"), False),
-            ("GET /v1/whoami (signed)", signed_request(admin, "GET", url + "/v1/whoami"), False),
+        print(HEADER)
+        (ceiling,) = await bench.run(
+            [("bare aiohttp (ceiling)", RequestSpec("GET", f"http://127.0.0.1:{ceiling_port}/"), conc, 0)],
+            seconds,
+            port=ceiling_port,
+        )
+        print(report(ceiling, cpu=None, stats=None), flush=True)
+        chosen = set(args.only.split(",")) if args.only else None
+        # A counted redemption opens a session (link.session) and redirects (link.file): two events.
+        plan: list[tuple[str, str, RequestSpec, bool]] = [
+            ("healthz", "GET /healthz (unsigned)", RequestSpec("GET", url + "/healthz"), False),
+            ("whoami", "GET /v1/whoami (signed)", signed(fx.developer, "GET", url + "/v1/whoami"), False),
             (
-                "POST /v1/invites (+event)",
-                signed_request(admin, "POST", url + "/v1/invites", {"role": "tester", "org": "bench"}),
+                "invite",
+                "POST /v1/invites (signed, +event)",
+                signed(admin, "POST", url + "/v1/invites", {"role": "tester", "org": "test"}),
                 True,
             ),
+            ("issue", "POST /v1/links (signed, +event)", issue, True),
+            ("redeem", "GET /l/T/files/0?session= (+event)", session_file, True),
+            ("counted", "GET /l/T/files/0 counted (+session)", counted_file, True),
+            ("query", "GET /v1/audit/events (signed, +event)", query, True),
         ]
-        ceiling = None
-        for name, make, writes in scenarios:
-            before_events = audit_size(db)
-            rss0, fds0 = process_stats(server.pid)
-            result = await drive(name, make, concurrency=args.concurrency, seconds=args.duration)
-            rss1, fds1 = process_stats(server.pid)
-            if ceiling is None:
-                ceiling = len(result.latencies) / result.seconds
-                print(result.row(None))
-                continue
-            print(result.row(ceiling) + f"   server RSS {rss0:.0f}->{rss1:.0f} MiB, fds {fds0}->{fds1}")
-            if writes:
-                grown = audit_size(db) - before_events
-                verdict = "equal" if grown == result.ok else "MISMATCH"
-                print(f"{'':<28} audit events +{grown} for {result.ok} 2xx answers: {verdict}")
+        for key, name, spec, writes in plan:
+            if chosen is None or key in chosen:
+                await scenario(
+                    bench,
+                    name,
+                    spec,
+                    seconds=seconds,
+                    concurrency=conc,
+                    writes=writes,
+                    presign=presign,
+                    events_per_success=2 if key == "counted" else 1,
+                )
+        print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
+        bench.pool.shutdown(cancel_futures=True)
+        bench.stop_server()
+        if ceiling_proc is not None:
+            ceiling_proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=15)
+                ceiling_proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                ceiling_proc.kill()
         store.stop()
+
+
+async def soak(bench: Bench, seconds: float, conc: int, specs: list[RequestSpec], presign: int) -> None:
+    """Issuance, redemption and audit queries at once for `seconds`; RSS and descriptors sampled."""
+    assert bench.server is not None
+    pid = bench.server.pid
+    names = ["POST /v1/links (soak)", "GET /l/T/files/0?session= (soak)", "GET /v1/audit/events (soak)"]
+    share = [max(1, conc // 4), max(1, conc // 2), max(1, conc // 4)]
+    streams = [(n, s, c, presign) for n, s, c in zip(names, specs, share, strict=True)]
+    events0, cpu0 = audit_size(bench.db), cpu_seconds(pid)
+    samples = [(0.0, *process_stats(pid))]
+    started = time.monotonic()
+    task = asyncio.ensure_future(bench.run(streams, seconds))
+    while not task.done():
+        await asyncio.wait([task], timeout=min(30.0, max(1.0, seconds / 20)))
+        samples.append((time.monotonic() - started, *process_stats(pid)))
+    results = task.result()
+    cpu = cpu_seconds(pid) - cpu0
+    print(
+        f"soak of {seconds:.0f} s, {conc} connections;"
+        f" load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
+    print(HEADER)
+    total = sum(r.answered for r in results)
+    for r in results:
+        print(report(r, None, None))  # the server's CPU is one figure for the mix, below
+    grown = audit_size(bench.db) - events0
+    print(f"audit events +{grown} for {total} answers: {'equal' if grown == total else 'MISMATCH'}")
+    print(f"server CPU {cpu:.1f} s for {total} requests: {cpu / max(total, 1) * 1000:.2f} ms/request")
+    print(
+        "server RSS MiB / fds over time: " + ", ".join(f"{t:.0f}s {rss:.0f}/{fds}" for t, rss, fds in samples)
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="scripts/bench-api", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", default="10s", help="time per scenario: 10s, 1m, 10m (default 10s)")
-    parser.add_argument("--concurrency", type=int, default=32, help="concurrent clients (default 32)")
+    parser.add_argument("--duration", default="10s", help="time per scenario: 10s, 1m (default 10s)")
+    parser.add_argument("--concurrency", type=int, default=32, help="concurrent connections (default 32)")
+    parser.add_argument(
+        "--soak", default=None, help="instead: issuance, redemption and queries at once, e.g. 10m"
+    )
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="scenarios, comma-separated: healthz,whoami,invite,issue,redeem,counted,query",
+    )
+    parser.add_argument(
+        "--presign", type=int, default=20000, help="signed requests prepared per scenario (default 20000)"
+    )
+    parser.add_argument(
+        "--profile", default=None, help="write a cProfile of the server (limits raised) to this file"
+    )
     args = parser.parse_args()
     args.duration = float(parse_duration(args.duration))
+    args.soak = float(parse_duration(args.soak)) if args.soak else None
     with tempfile.TemporaryDirectory(prefix="exchange-bench-api-") as tmp:
         asyncio.run(run(args, Path(tmp)))
 

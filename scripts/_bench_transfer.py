@@ -2,7 +2,9 @@
 
 The parent process runs SeaweedFS and the API; each measured transfer runs in a child process
 (`--child ...`) that prints one JSON line with its seconds and its peak RSS (getrusage), so the
-client's memory is measured apart from the server's and from boto3's.
+client's memory is measured apart from the server's and from boto3's. The CPU the service spends
+meanwhile (SeaweedFS, and the API thread of this process) is measured too: on a small machine the
+client and storage share the cores, so a transfer's total CPU is what bounds its speed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import re
 import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,17 +60,19 @@ def child(args: list[str]) -> None:
     result: dict[str, Any] = {}
     if mode in ("exchange-upload", "exchange-download"):
         from exchange.client import Client
-        from exchange.client.transfer import download, upload
+        from exchange.client.transfer import DEFAULT_CONCURRENCY, download, upload
         from exchange.identity import Identity
 
         async def run() -> None:
             identity = Identity.load(Path(config["identity"]))
             async with Client(config["server"], identity) as client:
-                extra = {"concurrency": int(config["concurrency"])} if config.get("concurrency") else {}
+                concurrency = int(config.get("concurrency") or DEFAULT_CONCURRENCY)
                 if mode == "exchange-upload":
-                    result["id"] = await upload(client, Path(config["file"]), kind="model-weights", **extra)
+                    result["id"] = await upload(
+                        client, Path(config["file"]), kind="model-weights", concurrency=concurrency
+                    )
                 else:
-                    await download(client, config["id"], Path(config["out"]), **extra)
+                    await download(client, config["id"], Path(config["out"]), concurrency=concurrency)
 
         asyncio.run(run())
     else:
@@ -94,14 +99,32 @@ def child(args: list[str]) -> None:
     print(json.dumps(result), flush=True)
 
 
-def run_child(mode: str, config: dict[str, Any]) -> dict[str, Any]:
+def _cpu_seconds(pid: int) -> float:
+    import psutil  # type: ignore[import-untyped]
+
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(times.user + times.system)
+
+
+def run_child(mode: str, config: dict[str, Any], storage_pid: int | None = None) -> dict[str, Any]:
+    """Run one transfer in a child process; add the CPU SeaweedFS and the API spent meanwhile."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    weed = _cpu_seconds(storage_pid) if storage_pid else 0.0
     out = subprocess.run(
         [sys.executable, __file__, "--child", mode, json.dumps(config)],
         check=True,
         capture_output=True,
         text=True,
     )
-    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    result["storage_cpu_seconds"] = (_cpu_seconds(storage_pid) - weed) if storage_pid else 0.0
+    # This process runs the API (boto3 transfers do not use it) and otherwise only waits.
+    result["api_cpu_seconds"] = after.ru_utime + after.ru_stime - own.ru_utime - own.ru_stime
+    return result
 
 
 # -- the stack ----------------------------------------------------------------------------------------
@@ -207,6 +230,12 @@ def main() -> None:
         "--size", type=parse_size, default=parse_size("1GiB"), help="file size (default 1GiB)"
     )
     parser.add_argument("--dir", type=Path, default=None, help="work directory (default: a temporary one)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every transfer this many times, interleaved (default 1)",
+    )
     args = parser.parse_args()
     # SIGTERM ends the run like Ctrl-C does: through the finally below, which stops SeaweedFS.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -224,29 +253,45 @@ def main() -> None:
             "bucket": "exchange",
         }
         ours = {"server": service.settings.effective_public_url, "identity": str(identity)}
-        results: dict[str, dict[str, Any]] = {}
-        results["boto3 upload"] = run_child("boto3-upload", common | {"file": str(source)})
-        up = run_child("exchange-upload", ours | {"file": str(source)})
-        results["exchange upload"] = up
-        out_plain, out_ours = work / "out-plain", work / "out-ours"
-        out_plain.mkdir()
-        out_ours.mkdir()
-        results["boto3 download"] = run_child("boto3-download", common | {"out": str(out_plain)})
-        results["exchange download"] = run_child(
-            "exchange-download", ours | {"id": up["id"], "out": str(out_ours)}
-        )
-        assert (out_ours / "model.bin").stat().st_size == args.size
-        mb = args.size / 1e6
+        weed = service.store.pid
+        ratios: dict[str, list[float]] = {"upload": [], "download": []}
         print(f"file: {args.size} bytes ({args.size / 1024**3:.2f} GiB), cores: {os.cpu_count()}")
-        print(f"{'transfer':<20}{'seconds':>10}{'MB/s':>10}{'client CPU s':>14}{'peak RSS MiB':>15}")
-        for name, r in results.items():
-            print(
-                f"{name:<20}{r['seconds']:>10.2f}{mb / r['seconds']:>10.1f}"
-                f"{r['cpu_seconds']:>14.2f}{r['peak_rss_mib']:>15.1f}"
+        for n in range(args.rounds):
+            results: dict[str, dict[str, Any]] = {}
+            results["boto3 upload"] = run_child("boto3-upload", common | {"file": str(source)}, weed)
+            up = run_child("exchange-upload", ours | {"file": str(source)}, weed)
+            results["exchange upload"] = up
+            out_plain, out_ours = work / f"out-plain-{n}", work / f"out-ours-{n}"
+            out_plain.mkdir()
+            out_ours.mkdir()
+            results["boto3 download"] = run_child("boto3-download", common | {"out": str(out_plain)}, weed)
+            results["exchange download"] = run_child(
+                "exchange-download", ours | {"id": up["id"], "out": str(out_ours)}, weed
             )
-        for what in ("upload", "download"):
-            ratio = results[f"boto3 {what}"]["seconds"] / results[f"exchange {what}"]["seconds"]
-            print(f"{what}: exchange (encrypted, verified) / plain boto3 = {ratio:.2f}x")
+            assert (out_ours / "model.bin").stat().st_size == args.size
+            shutil.rmtree(out_plain)
+            shutil.rmtree(out_ours)
+            mb = args.size / 1e6
+            if args.rounds > 1:
+                print(f"round {n + 1} of {args.rounds}, load average {os.getloadavg()[0]:.2f}")
+            print(
+                f"{'transfer':<20}{'seconds':>10}{'MB/s':>10}{'client CPU s':>14}{'peak RSS MiB':>15}"
+                f"{'storage CPU s':>15}{'API CPU s':>11}"
+            )
+            for name, r in results.items():
+                print(
+                    f"{name:<20}{r['seconds']:>10.2f}{mb / r['seconds']:>10.1f}"
+                    f"{r['cpu_seconds']:>14.2f}{r['peak_rss_mib']:>15.1f}"
+                    f"{r['storage_cpu_seconds']:>15.2f}{r['api_cpu_seconds']:>11.2f}"
+                )
+            for what in ("upload", "download"):
+                ratio = results[f"boto3 {what}"]["seconds"] / results[f"exchange {what}"]["seconds"]
+                ratios[what].append(ratio)
+                print(f"{what}: exchange (encrypted, verified) / plain boto3 = {ratio:.2f}x")
+        if args.rounds > 1:
+            for what, values in ratios.items():
+                shown = ", ".join(f"{v:.2f}" for v in values)
+                print(f"{what} ratios: {shown}; median {statistics.median(values):.2f}x")
     finally:
         service.stop()
         shutil.rmtree(work, ignore_errors=True)

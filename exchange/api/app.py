@@ -22,7 +22,7 @@ from ..errors import DependencyError, ExchangeError, PayloadTooLarge
 from ..services.audit import AuditLog, Context, Outcome
 from ..settings import Settings
 from ..storage import Storage
-from . import artifacts, audit, health, links, principals
+from . import artifacts, audit, findings, health, links, principals, uploadlinks
 from .auth import authenticate, purge_nonces
 from .keys import AUDIT, CLOCK, DB, OPENAPI, SETTINGS, STORAGE, VALIDATORS
 from .openapi import build_document
@@ -36,7 +36,7 @@ __all__ = ["ROUTES", "create_app"]
 log = logging.getLogger("exchange.api")
 
 #: The API, by subject. Each module has ROUTES and schemas(settings); adding one here is all it takes.
-MODULES = (health, principals, audit, artifacts, links)
+MODULES = (health, principals, audit, artifacts, links, uploadlinks, findings)
 ROUTES: list[Route] = [route for module in MODULES for route in module.ROUTES]
 
 
@@ -129,7 +129,7 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
                 request[BODY] = parsed
             response = await handler(request)
     except ExchangeError as exc:
-        await _record_refusal(request, route, exc.code, exc.status)
+        await _record_refusal(request, route, exc.audit_reason, exc.status)
         response = problem_response(from_exchange_error(exc, ctx.request_id))
     except web.HTTPException as exc:
         if exc.status < 400:

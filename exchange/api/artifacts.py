@@ -18,9 +18,21 @@ from aiohttp import web
 from ..errors import DependencyError, ValidationError
 from ..format.manifest import KINDS, MANIFEST_TYPE, check_path
 from ..services import artifacts as svc
+from ..services import findings, uploadlinks
 from ..settings import Settings
 from .keys import AUDIT, CLOCK, DB, SETTINGS, STORAGE
-from .routing import BODY, CTX, PRINCIPAL, Route, page_limit, path_param, query_param, running
+from .routing import (
+    BODY,
+    CTX,
+    PRINCIPAL,
+    Route,
+    page_limit,
+    path_param,
+    query_param,
+    running,
+    time_cursor,
+    time_page,
+)
 from .schemas import INT, STR, Schema, name_schema, obj
 
 __all__ = ["ROUTES", "schemas"]
@@ -74,6 +86,23 @@ async def create_artifact(request: web.Request) -> web.Response:
     headers = {h["principal"]: _b64(h["header"], "headers[].header") for h in body["headers"]}
     if len(headers) != len(body["headers"]):
         raise ValidationError("two headers name the same principal")
+    now = app[CLOCK]()
+    claim = None
+    if "upload_link" in body and "finding" in body:
+        raise ValidationError("an upload goes through an upload link or to a finding, not both")
+    if "upload_link" in body:
+        token_hash = uploadlinks.parse_upload_token(body["upload_link"])
+        claim = uploadlinks.claim(request[PRINCIPAL], token_hash, now)
+    elif "finding" in body:
+        settings = app[SETTINGS]
+        claim = findings.claim(
+            request[PRINCIPAL],
+            body["finding"]["on"],
+            body["finding"]["part"],
+            clearinghouse=settings.finding_clearinghouse_names,
+            body_max_bytes=settings.finding_body_max_bytes,
+            now_ms=now,
+        )
     artifact, created = await svc.create(
         app[DB],
         app[AUDIT],
@@ -84,7 +113,8 @@ async def create_artifact(request: web.Request) -> web.Response:
         files=files,
         headers=headers,
         limits=_limits(app[SETTINGS]),
-        now_ms=app[CLOCK](),
+        now_ms=now,
+        claim=claim,
     )
     return web.json_response(_detail(artifact, created), status=201)
 
@@ -96,26 +126,16 @@ async def list_artifacts(request: web.Request) -> web.Response:
     status = q.get("status")
     if status is not None and status not in _STATUSES:
         raise ValidationError(f"query parameter 'status' must be one of: {', '.join(_STATUSES)}")
-    after = None
-    if q.get("cursor"):
-        ms, _, ident = q["cursor"].partition(":")
-        if not ms.isdigit() or not ident:
-            raise ValidationError(
-                "query parameter 'cursor' is not a cursor this service gave", field="cursor"
-            )
-        after = (int(ms), ident)
     items = await svc.list_artifacts(
         request.app[DB],
         request[PRINCIPAL],
         status=status,
         limit=limit + 1,
-        after=after,
+        after=time_cursor(request),
         now_ms=request.app[CLOCK](),
     )
-    more = len(items) > limit
-    items = items[:limit]
-    cursor = f"{items[-1].created_at_ms}:{items[-1].id}" if more else None
-    return web.json_response({"items": [a.to_json() for a in items], "next_cursor": cursor})
+    page, cursor = time_page(items, limit, lambda a: (a.created_at_ms, a.id))
+    return web.json_response({"items": [a.to_json() for a in page], "next_cursor": cursor})
 
 
 async def get_artifact(request: web.Request) -> web.Response:
@@ -465,6 +485,18 @@ def schemas(settings: Settings) -> dict[str, Schema]:
                         ["principal", "header"],
                     ),
                 },
+                "upload_link": {
+                    "type": "string",
+                    "maxLength": 64,
+                    "description": "the token of an upload link (exu1_…): upload into its organisation",
+                },
+                "finding": obj(
+                    {
+                        "on": {"type": "string", "minLength": 1, "maxLength": 64},
+                        "part": {"type": "string", "enum": list(findings.PARTS)},
+                    },
+                    ["on", "part"],
+                ),
             },
             ["name", "kind", "files", "headers"],
         ),

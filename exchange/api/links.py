@@ -139,6 +139,7 @@ async def create_link(request: web.Request) -> web.Response:
         max_lifetime_s=settings.link_max_lifetime_s,
         max_downloads=body.get("max_downloads"),
         now_ms=now,
+        allowed_networks=body.get("allowed_networks"),
     )
     return web.json_response(link.to_json(now) | {"url": link_url(settings, token)}, status=201)
 
@@ -177,7 +178,7 @@ async def _record_refusal(request: web.Request, exc: ExchangeError) -> None:
                 request[CTX],
                 action=route.audit_action,
                 outcome="error" if exc.status >= 500 else "denied",
-                reason=svc.audit_reason(exc),
+                reason=exc.audit_reason,
                 resource={"type": "link", "id": link_id} if link_id else None,
                 details={"method": request.method, "route": route.path, "status": exc.status},
             )
@@ -219,7 +220,7 @@ def _wants_html(request: web.Request) -> bool:
 async def _view(request: web.Request, token_hash: bytes) -> web.StreamResponse:
     app = request.app
     now = app[CLOCK]()
-    r = await svc.resolve(app[DB], token_hash, now)
+    r = await svc.resolve(app[DB], token_hash, now, ip=request[CTX].ip)
     async with app[DB].transaction() as conn:
         await app[AUDIT].append(
             conn,
@@ -524,6 +525,7 @@ def schemas(settings: Settings) -> dict[str, Schema]:
         "max_downloads": opt_int,
         "downloads": INT,
         "revoked_at_ms": opt_int,
+        "allowed_networks": {"type": ["array", "null"], "items": STR},
         "state": {"type": "string", "enum": ["active", "expired", "revoked", "used"]},
     }
     session_pattern = {"type": "string", "pattern": r"^ses_[0-9a-f]{32}$"}
@@ -544,6 +546,13 @@ def schemas(settings: Settings) -> dict[str, Schema]:
                 "recipient": name_schema(settings),
                 "expires_in_s": {"type": "integer", "minimum": 1, "maximum": settings.link_max_lifetime_s},
                 "max_downloads": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+                "allowed_networks": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": svc.MAX_ALLOWED_NETWORKS,
+                    "items": {"type": "string", "minLength": 1, "maxLength": 64},
+                    "description": "redeem only from these addresses or CIDR networks",
+                },
             },
             ["artifact", "recipient"],
         ),

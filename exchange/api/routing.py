@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from aiohttp import web
 
@@ -24,6 +24,7 @@ from ..services.principals import Principal
 __all__ = ["BODY", "CTX", "PRINCIPAL", "ROUTE", "Route"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,29 @@ def page_limit(request: web.Request, default: int, maximum: int) -> int:
     if not 1 <= limit <= maximum:
         raise ValidationError(f"query parameter 'limit' must be between 1 and {maximum}", field="limit")
     return limit
+
+
+def time_cursor(request: web.Request) -> tuple[int, str] | None:
+    """The `cursor` of a list ordered by (created_at_ms, id), newest first: `MS:ID`, as the
+    previous page's `next_cursor` gave it; None on the first page."""
+    text = request.query.get("cursor")
+    if not text:
+        return None
+    ms, _, ident = text.partition(":")
+    if not (ms.isascii() and ms.isdigit() and len(ms) <= 18) or not ident:
+        raise ValidationError("query parameter 'cursor' is not a cursor this service gave", field="cursor")
+    return int(ms), ident
+
+
+def time_page(
+    items: Sequence[T], limit: int, key: Callable[[T], tuple[int, str]]
+) -> tuple[Sequence[T], str | None]:
+    """A page of `limit` items out of `limit + 1` fetched, and the cursor to the next (None: last)."""
+    if len(items) <= limit:
+        return items, None
+    page = items[:limit]
+    ms, ident = key(page[-1])
+    return page, f"{ms}:{ident}"
 
 
 @asynccontextmanager

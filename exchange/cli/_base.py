@@ -85,6 +85,25 @@ class Options:
         return server
 
 
+def printable(text: object) -> str:
+    """`text` safe for a terminal: every character that is not printable (controls, CR and LF,
+    ESC, C1, bidirectional overrides such as U+202E, zero-width and other format characters,
+    line separators) is shown as a Python-style escape, and a backslash as two, so that what is
+    shown reads back to exactly one string. Human output only: JSON output stays exact."""
+    out = []
+    for ch in str(text):
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            code = ord(ch)
+            out.append(
+                f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+            )
+    return "".join(out)
+
+
 def fail(exc: ExchangeError, *, as_json: bool) -> NoReturn:
     code = exit_code_for(exc)
     if as_json:
@@ -95,7 +114,7 @@ def fail(exc: ExchangeError, *, as_json: bool) -> NoReturn:
         hint = f" [{exc.code}]" if exc.code else ""
         rid = exc.extra.get("request_id")
         tail = f" (request id {rid})" if rid else ""
-        click.echo(f"exchange: error: {exc.message}{hint}{tail}", err=True)
+        click.echo(printable(f"exchange: error: {exc.message}{hint}{tail}"), err=True)
     sys.exit(code)
 
 

@@ -18,10 +18,12 @@ from tqdm import tqdm
 from ..client import Client
 from ..client import artifacts as api
 from ..client import links as links_api
+from ..client import uploadlinks as uploadlinks_api
 from ..client.transfer import download as download_artifact
 from ..client.transfer import upload as upload_artifact
+from ..errors import ValidationError
 from ..format.manifest import KINDS
-from ._base import Options, main, output, pass_opts, run, when, with_client
+from ._base import Options, fail, main, output, pass_opts, printable, run, when, with_client
 
 
 class _Bar:
@@ -65,21 +67,45 @@ def _bar(description: str) -> Iterator[_Bar]:
 @main.command()
 @click.argument("path", type=click.Path(exists=True, file_okay=True, dir_okay=True, path_type=Path))
 @click.option("--name", help="Artifact name (default: the file or directory name).")
-@click.option("--kind", type=click.Choice(KINDS), default="other", show_default=True)
+@click.option(
+    "--kind", type=click.Choice(KINDS), help="What it is (default: other, or the upload link's kind)."
+)
 @click.option("--to", "grantees", multiple=True, metavar="PRINCIPAL", help="Grant it to this tester too.")
+@click.option(
+    "--link",
+    "link_url",
+    metavar="URL",
+    help="An upload link (…/u/exu1_…) made for you: upload into the organisation that made it.",
+)
 @pass_opts
-def upload(opts: Options, path: Path, name: str | None, kind: str, grantees: tuple[str, ...]) -> None:
+def upload(
+    opts: Options,
+    path: Path,
+    name: str | None,
+    kind: str | None,
+    grantees: tuple[str, ...],
+    link_url: str | None,
+) -> None:
     """Encrypt and upload PATH (a file, or a directory of files) as an artifact; print its id.
 
     The file key is wrapped for every active developer of your organisation and for you, and,
-    once the upload is complete, for each tester named by --to. Run the same command again to
-    resume an interrupted upload.
+    once the upload is complete, for each tester named by --to. With --link, the artifact goes to
+    the organisation that made the link and is wrapped for its developers and for you. Run the
+    same command again to resume an interrupted upload.
     """
+    if link_url is not None and grantees:
+        fail(
+            ValidationError("--to cannot be used with --link: the receiving organisation grants"),
+            as_json=opts.json,
+        )
 
     async def work() -> str:
         identity = opts.identity()
+        server, token = opts.server_url(identity), None
+        if link_url is not None:
+            server, token = uploadlinks_api.split_upload_link(link_url)
         with _bar("upload") as bar:
-            async with Client(opts.server_url(identity), identity) as client:
+            async with Client(server, identity) as client:
                 artifact_id = await upload_artifact(
                     client,
                     path,
@@ -87,6 +113,7 @@ def upload(opts: Options, path: Path, name: str | None, kind: str, grantees: tup
                     kind=kind,
                     progress=bar.update,
                     on_start=lambda _id, total, _resumed: bar.start(total),
+                    upload_link=token,
                 )
                 for grantee in grantees:
                     await links_api.grant(client, artifact_id, grantee)
@@ -136,7 +163,7 @@ def download(opts: Options, artifact_id: str, out_dir: Path) -> None:
     output(
         opts,
         {"id": artifact_id, "paths": [str(p) for p in written]},
-        lambda: click.echo("\n".join(str(p) for p in written)),
+        lambda: click.echo("\n".join(printable(p) for p in written)),
     )
 
 
@@ -156,7 +183,7 @@ def artifacts_ls(opts: Options, status: str | None) -> None:
         items,
         lambda: click.echo(
             "\n".join(
-                f"{a['id']}\t{a['status']}\t{a['kind']}\t{a['size']}\t{a['name']}\t{when(a['created_at_ms'])}"
+                f"{a['id']}\t{a['status']}\t{a['kind']}\t{a['size']}\t{printable(a['name'])}\t{when(a['created_at_ms'])}"
                 for a in items
             )
         ),
@@ -178,18 +205,19 @@ def artifacts_show(opts: Options, artifact_id: str) -> None:
 def artifacts_abort(opts: Options, artifact_id: str) -> None:
     """Abort an unfinished upload of yours and remove its parts."""
     a = with_client(opts, lambda c: api.abort(c, artifact_id))
-    output(opts, a, lambda: click.echo(f"aborted {a['id']} ({a['name']})"))
+    output(opts, a, lambda: click.echo(printable(f"aborted {a['id']} ({a['name']})")))
 
 
 def _print_artifact(a: dict[str, Any]) -> None:
-    click.echo(f"{a['id']}  {a['name']}  ({a['kind']}, {a['status']})")
-    click.echo(f"organisation:  {a['org']}")
-    click.echo(f"uploaded by:   {a['created_by']} at {when(a['created_at_ms'])}")
+    # Names and paths are data: printable() escapes what a terminal would act on (CR, ESC, U+202E).
+    click.echo(printable(f"{a['id']}  {a['name']}  ({a['kind']}, {a['status']})"))
+    click.echo(printable(f"organisation:  {a['org']}"))
+    click.echo(printable(f"uploaded by:   {a['created_by']} at {when(a['created_at_ms'])}"))
     click.echo(f"size:          {a['size']} bytes in {a['file_count']} file(s)")
     manifest = a.get("manifest")
     sha = {f["path"]: f["sha256"] for f in manifest["files"]} if manifest else {}
     for f in a["files"]:
-        click.echo(f"  {f['size']:>14}  {sha.get(f['path'], '(not complete)'):<64}  {f['path']}")
+        click.echo(printable(f"  {f['size']:>14}  {sha.get(f['path'], '(not complete)'):<64}  {f['path']}"))
 
 
 def _download_link(opts: Options, url: str, out_dir: Path) -> None:
@@ -211,5 +239,5 @@ def _download_link(opts: Options, url: str, out_dir: Path) -> None:
     output(
         opts,
         {"id": receipt["artifact"], "paths": [str(p) for p in written], "receipt": receipt},
-        lambda: click.echo("\n".join(str(p) for p in written)),
+        lambda: click.echo("\n".join(printable(p) for p in written)),
     )

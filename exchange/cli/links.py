@@ -1,4 +1,5 @@
-"""Grant and link commands: `grant`, `revoke`, `link create | ls | revoke`.
+"""Grant and link commands: `grant`, `revoke`, `grants`, `link create | ls | revoke`,
+`upload-link create | ls | revoke`.
 
 Downloads through a link are `exchange download URL` (in `cli.artifacts`), and grants at upload
 `exchange upload PATH --to PRINCIPAL`.
@@ -11,8 +12,11 @@ from typing import Any
 import click
 
 from ..client import links as api
+from ..client import uploadlinks as uploadlinks_api
 from ..durations import parse_duration
 from ..errors import ValidationError
+from ..format.manifest import KINDS
+from ..sizes import format_size, parse_size
 from ._base import Options, fail, main, output, pass_opts, when, with_client
 
 
@@ -76,16 +80,33 @@ def link() -> None:
     help="Lifetime (90s, 15m, 24h, 7d); default and maximum are the server's.",
 )
 @click.option("--max-downloads", type=click.IntRange(min=1), help="Downloads the link allows.")
+@click.option(
+    "--allow-ip",
+    "allowed",
+    multiple=True,
+    metavar="CIDR",
+    help="Redeem only from this address or network (203.0.113.7, 198.51.100.0/24); repeatable.",
+)
 @pass_opts
 def link_create(
-    opts: Options, artifact_id: str, recipient: str, expires: str | None, max_downloads: int | None
+    opts: Options,
+    artifact_id: str,
+    recipient: str,
+    expires: str | None,
+    max_downloads: int | None,
+    allowed: tuple[str, ...],
 ) -> None:
     """Make a download link for ARTIFACT_ID and print its URL (shown only now)."""
     seconds = _duration(opts, expires, "--expires")
     made = with_client(
         opts,
         lambda c: api.create_link(
-            c, artifact_id, recipient, expires_in_s=seconds, max_downloads=max_downloads
+            c,
+            artifact_id,
+            recipient,
+            expires_in_s=seconds,
+            max_downloads=max_downloads,
+            allowed_networks=allowed or None,
         ),
     )
     output(opts, made, lambda: click.echo(made["url"]))
@@ -114,4 +135,92 @@ def _row(item: dict[str, Any]) -> str:
 def link_revoke(opts: Options, link_id: str) -> None:
     """Revoke a link at once."""
     revoked = with_client(opts, lambda c: api.revoke_link(c, link_id))
+    output(opts, revoked, lambda: click.echo(f"revoked {revoked['id']}"))
+
+
+@main.command("grants")
+@click.argument("artifact_id")
+@pass_opts
+def grants_ls(opts: Options, artifact_id: str) -> None:
+    """List the grants of ARTIFACT_ID: who holds it, since when, until when."""
+    items = with_client(opts, lambda c: api.list_grants(c, artifact_id))
+    output(opts, items, lambda: click.echo("\n".join(_grant_row(g) for g in items)))
+
+
+def _grant_row(g: dict[str, Any]) -> str:
+    if g["revoked_at_ms"] is not None:
+        state = f"revoked {when(g['revoked_at_ms'])}"
+    elif g["expires_at_ms"] is not None:
+        state = f"until {when(g['expires_at_ms'])}"
+    else:
+        state = "no end"
+    return f"{g['principal']}\tgranted {when(g['created_at_ms'])} by {g['granted_by']}\t{state}"
+
+
+@main.group("upload-link")
+def upload_link() -> None:
+    """Upload links: the right for one named principal to upload one artifact into your
+    organisation (a tester returning files), of one kind, up to a size, for a while.
+
+    The uploader runs `exchange upload PATH --link URL`; its requests are signed, so the link is
+    useless to anyone else. The upload is encrypted to your organisation's developers and to the
+    uploader.
+    """
+
+
+@upload_link.command("create")
+@click.option("--for", "uploader", required=True, metavar="PRINCIPAL", help="Who may upload.")
+@click.option("--kind", type=click.Choice(KINDS), default="other", show_default=True)
+@click.option(
+    "--max-size", required=True, metavar="SIZE", help="Largest upload allowed (500MB, 10GiB, 2TiB)."
+)
+@click.option(
+    "--expires",
+    metavar="DURATION",
+    help="How long the link can start an upload (90s, 15m, 24h, 7d); default and maximum are the server's.",
+)
+@click.option("--note", default="", help="A line for the uploader and the log (what to send).")
+@pass_opts
+def upload_link_create(
+    opts: Options, uploader: str, kind: str, max_size: str, expires: str | None, note: str
+) -> None:
+    """Make an upload link and print its URL (shown only now)."""
+    seconds = _duration(opts, expires, "--expires")
+    try:
+        max_bytes = parse_size(max_size)
+    except ValueError as exc:
+        fail(ValidationError(f"--max-size: {exc}"), as_json=opts.json)
+    made = with_client(
+        opts,
+        lambda c: uploadlinks_api.create(
+            c, uploader, kind=kind, max_bytes=max_bytes, note=note, expires_in_s=seconds
+        ),
+    )
+    output(opts, made, lambda: click.echo(made["url"]))
+
+
+@upload_link.command("ls")
+@pass_opts
+def upload_link_ls(opts: Options) -> None:
+    """List upload links, newest first. Tokens are never shown again."""
+    items = with_client(opts, uploadlinks_api.list_upload_links)
+    output(
+        opts,
+        items,
+        lambda: click.echo(
+            "\n".join(
+                f"{u['id']}\t{u['state']}\t{u['uploader']}\t{u['kind']}\t<= {format_size(u['max_bytes'])}"
+                f"\t{u['artifact'] or '-'}\t{when(u['expires_at_ms'])}"
+                for u in items
+            )
+        ),
+    )
+
+
+@upload_link.command("revoke")
+@click.argument("link_id")
+@pass_opts
+def upload_link_revoke(opts: Options, link_id: str) -> None:
+    """Revoke an upload link at once; an upload it started that is still running is aborted."""
+    revoked = with_client(opts, lambda c: uploadlinks_api.revoke(c, link_id))
     output(opts, revoked, lambda: click.echo(f"revoked {revoked['id']}"))

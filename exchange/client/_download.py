@@ -7,19 +7,23 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ctypes
 import hashlib
 import mmap
 import os
+import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ..errors import (
+    AgePayloadError,
     IntegrityError,
+    LocalFileError,
     ManifestError,
     StorageUnavailable,
 )
@@ -37,10 +41,11 @@ from ._parts import (
     _STREAM_CHUNKS,
     NONCE,
     Progress,
-    _decrypt_range,
+    _buffer,
     _disk_error,
     _first_error,
     _part_matches,
+    _plain_buffer,
     _pwrite_all,
     _retrying,
     _steps,
@@ -111,24 +116,59 @@ def _read_into(resp: Any, view: memoryview) -> memoryview:
 def _decrypt_and_write(
     key: bytes,
     r: PartRange,
-    block: bytes | memoryview,
+    block: memoryview,
     first: int,
     count: int,
     fd: int,
     where: str,
     target: Path,
 ) -> int:
-    chunks = _decrypt_range(key, r, block, first, count, where)
-    total = sum(len(c) for c in chunks)
-    offset = first * age.CHUNK_SIZE
+    """Open chunks [first, first + count) of part `r` from `block`, which holds exactly them,
+    into this thread's step buffer, and write them at their offset with one pwrite."""
+    last = r.has_final_chunk and first + count == r.first_chunk + r.chunks
+    expected = min(count * age.CHUNK_SIZE, r.plain_end - first * age.CHUNK_SIZE)
+    plain = _plain_buffer()
     try:
-        # One syscall for the step, and no copy to join the chunks.
-        written = os.pwritev(fd, chunks, offset)
-        if written < total:
-            _pwrite_all(fd, memoryview(b"".join(chunks))[written:], offset + written)
+        opened = age.decrypt_chunks_into(key, first, block, plain, last=last)
+    except AgePayloadError as exc:
+        raise IntegrityError(f"{where}: {exc.message}", path=where) from None
+    if opened != expected:
+        raise IntegrityError(f"{where}: part {r.number} does not hold the chunks it should", path=where)
+    try:
+        _pwrite_all(fd, plain[:opened], first * age.CHUNK_SIZE)
     except OSError as exc:
         raise _disk_error(exc, target) from None
-    return total
+    return opened
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """Linux's sync_file_range(2), which the standard library does not wrap; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return cast(Callable[[int, int, int, int], int], fn)
+
+
+_sync_file_range = _load_sync_file_range()
+_SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
+
+
+def _write_back(fd: int, start: int, end: int, settle: tuple[int, int] | None) -> None:
+    """Start writing bytes [start, end) of a staging file to disk, and wait until the range
+    `settle` (written earlier) is on its way out. Only a head start: the fsync before the rename
+    is what makes the file durable, and reports any error; this leaves it little to do, where
+    otherwise it would write the whole file out at the end (seconds per GiB)."""
+    if _sync_file_range is None:
+        return
+    _sync_file_range(fd, start, end - start, _SFR_WRITE)
+    if settle is not None:
+        wait = _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER
+        _sync_file_range(fd, settle[0], settle[1] - settle[0], wait)
 
 
 def _hash_range(h: Any, fd: int, start: int, end: int, where: str) -> None:
@@ -192,6 +232,7 @@ class _Download:
         self.progress = progress
         self.pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="decrypt")
         self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        self.flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writeback")
         self.storage = StorageHTTP()
         self._local = threading.local()
 
@@ -199,6 +240,10 @@ class _Download:
         """Open (or reopen, to resume) every file in the staging directory; return bytes already done."""
         loop = asyncio.get_running_loop()
         staging.mkdir(mode=0o700, parents=False, exist_ok=True)
+        if staging.is_symlink():
+            # Planted by whoever can write to the destination: following it would write (and
+            # prune) wherever it points.
+            raise LocalFileError(f"{staging} is a symbolic link; not following it", code="symlink")
         _prune(staging, {f.entry.path for f in files})
         done = 0
         for f in files:
@@ -253,14 +298,24 @@ class _Download:
 
     async def _hash_in_order(self, files: Sequence[_DownloadFile]) -> None:
         loop = asyncio.get_running_loop()
+        flushes: list[asyncio.Future[None]] = []
         for f in files:
             h = hashlib.sha256()
-            for r in f.ranges:
+            for n, r in enumerate(f.ranges):
                 await f.written[r.number].wait()
                 await loop.run_in_executor(
                     self.hasher, _hash_range, h, f.fd, r.plain_start, r.plain_end, str(f.target)
                 )
+                # Hashed parts go to disk now (on a thread of their own, never in the hasher's
+                # way) rather than all at once in the fsync at the end; each waits for the
+                # part two back, so the dirty pages stay bounded too.
+                back = f.ranges[n - 2] if n >= 2 else None
+                settle = (back.plain_start, back.plain_end) if back is not None else None
+                flushes.append(
+                    loop.run_in_executor(self.flusher, _write_back, f.fd, r.plain_start, r.plain_end, settle)
+                )
             f.sha256 = h.digest()
+        await asyncio.gather(*flushes)
 
     async def _part(self, f: _DownloadFile, r: PartRange, slots: asyncio.Semaphore) -> None:
         loop = asyncio.get_running_loop()
@@ -286,8 +341,9 @@ class _Download:
         reordering, truncation); the plaintext SHA-256 then proves the file is the uploader's, so
         the ciphertext need not be hashed again here."""
         where = f.entry.path
-        buf: bytearray = self._local.__dict__.setdefault("buf", bytearray(_STREAM_CHUNKS * _E))
-        view = memoryview(buf)
+        view: memoryview | None = getattr(self._local, "buf", None)
+        if view is None:
+            view = self._local.buf = _buffer(_STREAM_CHUNKS * _E)
         resp = self.storage.request("GET", f.url, headers={"Range": f"bytes={r.start}-{r.end - 1}"})
         try:
             raise_for_answer(resp, f"part {r.number} of {where}")
@@ -338,6 +394,7 @@ class _Download:
     def close(self, files: Sequence[_DownloadFile]) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.hasher.shutdown(wait=True, cancel_futures=True)
+        self.flusher.shutdown(wait=True, cancel_futures=True)
         self.storage.close()
         for f in files:
             if f.fd >= 0:

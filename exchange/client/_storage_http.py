@@ -65,7 +65,7 @@ class StorageHTTP:
         url: str,
         *,
         headers: Mapping[str, str],
-        body: bytes | memoryview | Iterable[bytes] | None = None,
+        body: bytes | memoryview | Iterable[bytes | memoryview] | None = None,
     ) -> http.client.HTTPResponse:
         """Send one request on this thread's connection; the caller reads the answer to its end."""
         parts = urllib.parse.urlsplit(url)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import (
     Conflict,
+    ValidationError,
 )
 from ..format import age
 from ..format.manifest import (
@@ -23,47 +24,86 @@ from . import artifacts as api
 from ._parts import (
     Progress,
     SourceFile,
+    _buffer,
     _encrypt_part_into,
-    _encrypt_range,
+    _encrypted_steps,
     _first_error,
     _hash_part_streaming,
     _retrying,
     _sha256_file,
-    _steps,
 )
 from ._storage_http import StorageHTTP, raise_for_answer
 
+_Pending = tuple[int, int, bytes, "asyncio.Future[dict[str, Any]]"]
+
 
 class _URLBatcher:
-    """Gathers part-URL requests from the workers in flight into one API call."""
+    """Gathers part-URL requests from the workers into few API calls.
 
-    def __init__(self, client: Client, artifact_id: str, max_batch: int) -> None:
+    Every call costs the service a signed request, a transaction and an audit entry whatever its
+    size (measured: some 10 ms of its CPU per call, on the cores storage needs too; one part per
+    call made the service spend ~1.8 CPU seconds per GiB uploaded, batching halves that). So a
+    request waits for others, but never while storage could run dry: requests go at once when
+    fewer than `busy_at` parts are on their way to storage (`poke` is called as each arrives), and
+    otherwise when `max_batch` are waiting, or the first has waited WAIT_S, or the call before
+    them has answered (one call at a time then: what arrives meanwhile goes into the next).
+    """
+
+    WAIT_S = 0.25
+
+    def __init__(
+        self, client: Client, artifact_id: str, max_batch: int, sending: Callable[[], int], busy_at: int
+    ) -> None:
         self._client = client
         self._artifact_id = artifact_id
-        self._max = max_batch
-        self._pending: list[tuple[int, int, bytes, asyncio.Future[dict[str, Any]]]] = []
-        self._timer: asyncio.Task[None] | None = None
+        self._max = max(1, max_batch)
+        self._sending = sending
+        self._busy_at = busy_at
+        self._pending: list[_Pending] = []
+        self._since = 0.0  # when the oldest pending request arrived
+        self._timer: asyncio.TimerHandle | None = None
+        self._calls: set[asyncio.Task[None]] = set()
 
     async def url(self, file_idx: int, number: int, digest: bytes) -> dict[str, Any]:
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[dict[str, Any]] = loop.create_future()
+        if not self._pending:
+            self._since = loop.time()
         self._pending.append((file_idx, number, digest, future))
-        if len(self._pending) >= self._max:
-            self._flush()
-        elif self._timer is None:
-            self._timer = asyncio.create_task(self._soon())
+        self.poke()
         return await future
 
-    async def _soon(self) -> None:
-        await asyncio.sleep(0.003)
+    def poke(self, *, answered: bool = False) -> None:
+        """Send what waits if it is time to (see the class); call when a part has been sent."""
+        self._pending = [p for p in self._pending if not p[3].done()]  # dropped by a cancelled part
+        if not self._pending:
+            return
+        loop = asyncio.get_running_loop()
+        starving = self._sending() < self._busy_at
+        due = answered or loop.time() - self._since >= self.WAIT_S or len(self._pending) >= self._max
+        if starving or (due and not self._calls):
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            batch, self._pending = self._pending[: self._max], self._pending[self._max :]
+            self._since = loop.time()
+            call = loop.create_task(self._send(batch))
+            self._calls.add(call)
+            call.add_done_callback(self._answered)
+            if self._pending:
+                self.poke()
+        elif self._timer is None and not self._calls:  # else the answer pokes again
+            self._timer = loop.call_later(max(0.0, self._since + self.WAIT_S - loop.time()), self._timeout)
+
+    def _timeout(self) -> None:
         self._timer = None
-        self._flush()
+        self.poke()
 
-    def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        if batch:
-            asyncio.get_running_loop().create_task(self._send(batch))
+    def _answered(self, call: asyncio.Task[None]) -> None:
+        self._calls.discard(call)
+        self.poke(answered=True)
 
-    async def _send(self, batch: list[tuple[int, int, bytes, asyncio.Future[dict[str, Any]]]]) -> None:
+    async def _send(self, batch: list[_Pending]) -> None:
         try:
             answer = await api.part_urls(self._client, self._artifact_id, [(f, n, d) for f, n, d, _ in batch])
         except BaseException as exc:
@@ -106,17 +146,83 @@ async def _find_resumable(
     return None
 
 
+@dataclass(frozen=True)
+class Destination:
+    """Where an upload goes when not simply into one's own organisation (an upload link, a
+    finding): the members of the create request that say so, and whom the upload must be
+    readable by (name -> age recipient; the uploader is added to it)."""
+
+    fields: dict[str, Any]
+    recipients: Callable[[], Awaitable[dict[str, str]]]
+
+
+async def _link_destination(
+    client: Client, upload_link: str, kind: str | None, files: Sequence[SourceFile]
+) -> tuple[str, Destination, dict[str, Any] | None]:
+    """What an upload link asks for (its kind), where it leads, and the upload it already started
+    (to resume), if any."""
+    link: dict[str, Any] = await client.request("GET", f"/u/{upload_link}")
+    if kind is not None and kind != link["kind"]:
+        raise ValidationError(f"this upload link is for a {link['kind']}, not a {kind}", field="kind")
+    first: list[dict[str, Any]] = [link]
+
+    async def recipients() -> dict[str, str]:
+        # The answer just fetched serves the first attempt; a retry asks again.
+        current = first.pop() if first else await client.request("GET", f"/u/{upload_link}")
+        return {r["name"]: r["age_recipient"] for r in current["recipients"]}
+
+    destination = Destination({"upload_link": upload_link}, recipients)
+    if link["artifact"] is None:
+        return str(link["kind"]), destination, None
+    if link["artifact_status"] != "uploading":
+        raise Conflict(
+            f"this upload link was already used: artifact {link['artifact']} is {link['artifact_status']}",
+            code="link-used",
+        )
+    detail = await api.get(client, link["artifact"])
+    if sorted((f["path"], f["size"]) for f in detail["files"]) != sorted((f.path, f.size) for f in files):
+        raise Conflict(
+            f"this upload link's upload ({link['artifact']}) is of other files or sizes than these:"
+            " it can only be resumed with the same ones",
+            code="link-used",
+        )
+    return str(link["kind"]), destination, detail
+
+
+async def _recipients(client: Client, me: dict[str, Any], destination: Destination | None) -> dict[str, str]:
+    """Who the upload must be readable by: the receiving organisation's active developers (one's
+    own, or as the destination says) and oneself."""
+    if destination is None:
+        developers = await client.list_principals(org=me["org"], role="developer")
+        recipients = {p["name"]: p["age_recipient"] for p in developers if p["status"] == "active"}
+    else:
+        recipients = dict(await destination.recipients())
+    recipients[me["name"]] = me["age_recipient"]
+    return recipients
+
+
 async def _start(
-    client: Client, me: dict[str, Any], name: str, kind: str, files: Sequence[SourceFile], file_key: bytes
+    client: Client,
+    me: dict[str, Any],
+    name: str,
+    kind: str,
+    files: Sequence[SourceFile],
+    file_key: bytes,
+    destination: Destination | None = None,
 ) -> dict[str, Any]:
     declared = [(f.path, f.size, os.urandom(age.NONCE_SIZE)) for f in files]
     for attempt in range(2):
-        developers = await client.list_principals(org=me["org"], role="developer")
-        recipients = {p["name"]: p["age_recipient"] for p in developers if p["status"] == "active"}
-        recipients[me["name"]] = me["age_recipient"]
+        recipients = await _recipients(client, me, destination)
         headers = {who: age.wrap_file_key(file_key, [r]).to_bytes() for who, r in recipients.items()}
         try:
-            return await api.create(client, name=name, kind=kind, files=declared, headers=headers)
+            return await api.create(
+                client,
+                name=name,
+                kind=kind,
+                files=declared,
+                headers=headers,
+                extra=None if destination is None else destination.fields,
+            )
         except Conflict as exc:
             # A developer enrolled between the listing and the request: list again, once.
             if exc.code != "headers-incomplete" or attempt:
@@ -128,7 +234,21 @@ def _b64d(text: str) -> bytes:
     return base64.b64decode(text, validate=True)
 
 
+#: Encrypted parts held in memory at once (being sent, or ready behind those) stay within this
+#: many bytes: with the default 8 MiB parts and 6 in flight, 9 parts, ~72 MiB.
+MEMORY_BUDGET_BYTES = 80 * 1024 * 1024
+
+
 class _Upload:
+    """Parts are encrypted (and hashed) into buffers a few parts ahead of the ones being sent, so
+    that when sends finish, as they tend to, several at once, the next parts already hold their
+    URLs and storage is never left waiting for encryption and a URL round trip.
+
+    At most `concurrency` parts are sent at a time, and at most `held` parts exist at a time: up
+    to half as many again as are sent, within MEMORY_BUDGET_BYTES. A part larger than
+    `memory_part_bytes` is never held: it is encrypted twice, once to hash and once to send.
+    """
+
     def __init__(
         self,
         client: Client,
@@ -137,20 +257,45 @@ class _Upload:
         concurrency: int,
         memory_part_bytes: int,
         progress: Progress,
+        memory_budget_bytes: int | None = None,
     ) -> None:
         self.storage = storage
         self.concurrency = max(1, concurrency)
+        self.ahead = max(2, self.concurrency // 2)
         self.memory_part_bytes = memory_part_bytes
+        self.memory_budget_bytes = MEMORY_BUDGET_BYTES if memory_budget_bytes is None else memory_budget_bytes
         self.progress = progress
-        self.urls = _URLBatcher(client, artifact_id, max_batch=max(1, concurrency))
-        self.pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="encrypt")
+        #: Parts on their way to storage right now (the URL batcher holds requests only while
+        #: enough are).
+        self.sending = 0
+        self.urls = _URLBatcher(
+            client,
+            artifact_id,
+            max_batch=self.concurrency + self.ahead,
+            sending=lambda: self.sending,
+            busy_at=max(1, self.concurrency // 2),
+        )
+        self.send_slots = asyncio.Semaphore(self.concurrency)
+        # Sends block a thread each for their whole length: they get threads of their own, and
+        # encryption (C code that releases the GIL) a few others, so it can always run ahead.
+        self.senders = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="send")
+        self.pool = ThreadPoolExecutor(max_workers=self.ahead, thread_name_prefix="encrypt")
         self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
-        self.buffers: list[bytearray] = []
+        self.buffers: list[memoryview] = []
+
+    def held(self, files: Sequence[_UploadFile]) -> int:
+        """How many parts may be in flight at once (see the class)."""
+        largest = max(
+            (r.size for f in files for r in f.ranges if r.size <= self.memory_part_bytes), default=0
+        )
+        if not largest:  # every part is streamed: none is held
+            return self.concurrency
+        return max(1, min(self.concurrency + self.ahead, self.memory_budget_bytes // largest))
 
     async def run(self, files: Sequence[_UploadFile]) -> None:
         loop = asyncio.get_running_loop()
         try:
-            slots = asyncio.Semaphore(self.concurrency)
+            slots = asyncio.Semaphore(self.held(files))
             hashes = [
                 loop.run_in_executor(self.hasher, _sha256_file, f.fd, f.source.size, str(f.source.source))
                 for f in files
@@ -167,14 +312,15 @@ class _Upload:
                 f.sha256 = sha
         finally:
             self.pool.shutdown(wait=True, cancel_futures=True)
+            self.senders.shutdown(wait=True, cancel_futures=True)
             self.hasher.shutdown(wait=True, cancel_futures=True)
 
     async def _part(self, f: _UploadFile, r: PartRange, slots: asyncio.Semaphore) -> None:
         loop = asyncio.get_running_loop()
         where = str(f.source.source)
         streamed = r.size > self.memory_part_bytes
-        # In-flight parts are bounded by `slots`, so at most `concurrency` buffers ever exist.
-        buf = None if streamed else (self.buffers.pop() if self.buffers else bytearray(r.size))
+        # Parts in flight are bounded by `slots`, so at most that many buffers ever exist.
+        buf = None if streamed else (self.buffers.pop() if self.buffers else _buffer(r.size))
         try:
             if buf is None:
                 digest = await loop.run_in_executor(
@@ -182,7 +328,7 @@ class _Upload:
                 )
             else:
                 if len(buf) < r.size:
-                    buf = bytearray(r.size)
+                    buf = _buffer(r.size)
                 digest = await loop.run_in_executor(
                     self.pool, _encrypt_part_into, f.key, f.nonce, f.fd, f.source.size, r, where, buf
                 )
@@ -202,22 +348,30 @@ class _Upload:
                 self.buffers.append(buf)
             slots.release()
 
-    async def _put(self, f: _UploadFile, r: PartRange, digest: bytes, buf: bytearray | None) -> None:
+    async def _put(self, f: _UploadFile, r: PartRange, digest: bytes, buf: memoryview | None) -> None:
         # A fresh URL for every attempt: URLs are short-lived and re-issuable.
         url = await self.urls.url(f.index, r.number, digest)
-        await asyncio.get_running_loop().run_in_executor(self.pool, self._put_blocking, f, r, url, buf)
+        async with self.send_slots:
+            self.sending += 1
+            try:
+                await asyncio.get_running_loop().run_in_executor(
+                    self.senders, self._put_blocking, f, r, url, buf
+                )
+            finally:
+                self.sending -= 1
+                self.urls.poke()
 
-    def _put_blocking(self, f: _UploadFile, r: PartRange, url: dict[str, Any], buf: bytearray | None) -> None:
+    def _put_blocking(
+        self, f: _UploadFile, r: PartRange, url: dict[str, Any], buf: memoryview | None
+    ) -> None:
         """On a worker thread: send the part, from its buffer with one sendall, or encrypted again
         on the fly for a part too large to hold (the signed Content-Length keeps it unchunked)."""
-        body: memoryview | Iterable[bytes]
+        body: memoryview | Iterable[memoryview]
         if buf is None:
-            body = (
-                _encrypt_range(f.key, f.nonce, f.fd, f.source.size, r, first, count, str(f.source.source))
-                for first, count in _steps(r)
-            )
+            # Each step is sent (sendall) before the generator overwrites it with the next.
+            body = _encrypted_steps(f.key, f.nonce, f.fd, f.source.size, r, str(f.source.source))
         else:
-            body = memoryview(buf)[: r.size]
+            body = buf[: r.size]
         resp = self.storage.request(url["method"], url["url"], headers=url["headers"], body=body)
         raise_for_answer(resp, f"part {r.number} of {f.source.path}")
         resp.read()

@@ -36,9 +36,14 @@ async def create(
     kind: str,
     files: Sequence[tuple[str, int, bytes]],
     headers: dict[str, bytes],
+    extra: dict[str, Any] | None = None,
+    upload_link: str | None = None,
 ) -> dict[str, Any]:
-    """Start an upload of `files` (path, size, payload nonce) with one age header per principal."""
-    body = {
+    """Start an upload of `files` (path, size, payload nonce) with one age header per principal.
+
+    `extra` members say where else the upload goes (`upload_link`, `finding`); `upload_link` is
+    short for `extra={"upload_link": TOKEN}`."""
+    body: dict[str, Any] = {
         "name": name,
         "kind": kind,
         "files": [
@@ -50,6 +55,9 @@ async def create(
             for who, raw in sorted(headers.items())
         ],
     }
+    body |= extra or {}
+    if upload_link is not None:
+        body["upload_link"] = upload_link
     return await client.request("POST", "/v1/artifacts", json_body=body)  # type: ignore[no-any-return]
 
 

@@ -8,7 +8,8 @@ A link is redeemed without a request signature (the token is the capability): `d
 opens a counted download session, verifies the uploader's signed manifest, unwraps the file key
 with the recipient's age identity (a link for someone else fails here, with `age-no-match`),
 downloads like `transfer.download` (parallel, resumable, verified), and ends by posting a
-receipt: the recipient's Ed25519 signature over the manifest digest.
+receipt: the recipient's Ed25519 signature over the artifact, link, session and manifest digest
+(`format.receipt`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from urllib.parse import quote, urlsplit
 
 from ..errors import ManifestError, ValidationError
 from ..format import age
+from ..format.receipt import receipt_message
 from . import Client
 from . import artifacts as artifacts_api
 from ._download import _DownloadFile, _URLRefresher, _verified_manifest
@@ -95,8 +97,11 @@ async def create_link(
     *,
     expires_in_s: int | None = None,
     max_downloads: int | None = None,
+    allowed_networks: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"artifact": artifact_id, "recipient": recipient}
+    if allowed_networks:
+        body["allowed_networks"] = list(allowed_networks)
     if expires_in_s is not None:
         body["expires_in_s"] = expires_in_s
     if max_downloads is not None:
@@ -197,7 +202,13 @@ async def download_link(
         progress=progress,
         on_start=on_start,
     )
-    signature = identity.signing_key.sign(manifest.digest()).signature
+    message = receipt_message(
+        artifact=str(info["id"]),
+        link=str(info["link"]),
+        session=str(info["session"]),
+        manifest_sha256=manifest.digest(),
+    )
+    signature = identity.signing_key.sign(message).signature
     receipt = await send_receipt(client, token, str(info["session"]), signature)
     marker.unlink(missing_ok=True)
     return written, receipt

@@ -23,18 +23,21 @@ authenticates under the file key (tampering, reordering, truncation); the object
 checked from the answer's Content-Range; one hasher reads each file back in order as its parts
 land and checks its SHA-256 against the manifest, which proves the bytes are the uploader's
 (a co-recipient, who also holds the file key, cannot substitute a file). Once every file checks
-out, the files are fsynced and renamed into place. Run again after a kill, the download keeps
+out, the files are fsynced and renamed into place (each part is handed to the disk as soon as it
+is hashed, so the fsync has little left to write). Run again after a kill, the download keeps
 the parts whose plaintext re-encrypts to their digests and fetches only the rest. A mismatch,
 a wrong key or a full disk removes the partial output and names the file that failed.
 
 Threads. The bytes move on worker threads with blocking HTTP (`_storage_http`); the event
 loop only schedules parts, asks the API for URLs and reports progress.
 
-Memory. An upload holds each part in flight in a buffer reused from part to part, so its peak
-is about `concurrency` x part size (~50 MiB at the default 8 MiB parts); a part larger than
-`memory_part_bytes` (files over ~300 GiB) is never held: it is encrypted twice, once to hash and
-once to send, which gives the same bytes since the key and nonce are fixed. A download holds
-about 1 MiB per part in flight, whatever the part size.
+Memory. An upload encrypts each part once, into a buffer reused from part to part, hashes it as
+it is sealed and sends it from there; it holds at most `concurrency` parts being sent plus half as
+many ready behind them, within `_upload.MEMORY_BUDGET_BYTES` (80 MiB: 9 parts at the default 8 MiB, fewer
+when parts are larger). A part larger than `memory_part_bytes` (files over ~300 GiB) is never
+held: it is encrypted twice, once to hash and once to send, which gives the same bytes since the
+key and nonce are fixed. A download holds about 1 MiB per part in flight, whatever the part size.
+Either way the client's peak RSS stays near 120 MiB whatever the file size.
 
 What this module does not do: print, draw progress bars or exit. It reports progress through a
 callback and raises `ExchangeError`s.
@@ -47,7 +50,7 @@ import contextlib
 import os
 import shutil
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +75,7 @@ from . import artifacts as api
 from ._download import _Download, _DownloadFile, _fsync_dir, _URLRefresher, _verified_manifest
 from ._parts import Progress, SourceFile, _no_progress
 from ._storage_http import StorageHTTP
-from ._upload import _b64d, _find_resumable, _start, _Upload, _UploadFile
+from ._upload import Destination, _b64d, _find_resumable, _link_destination, _start, _Upload, _UploadFile
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
@@ -136,33 +139,64 @@ def collect(path: Path) -> tuple[str, list[SourceFile]]:
     return root_name, files
 
 
+def collect_files(paths: Sequence[Path]) -> tuple[str, list[SourceFile]]:
+    """The files an upload of a list of regular files sends, each under its own name, and the
+    default artifact name (the first file's). Two files of the same name are refused."""
+    sources: list[SourceFile] = []
+    for path in paths:
+        name, found = collect(path)
+        if len(found) != 1 or found[0].path != name:
+            raise LocalFileError(f"{path} is not a regular file", code="special-file")
+        sources.extend(found)
+    names = [s.path for s in sources]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise LocalFileError(f"two files are named {twice[0]!r}: rename one", code="unsafe-path")
+    if not sources:
+        raise LocalFileError("no files to upload")
+    check_paths(names)
+    return names[0], sources
+
+
 async def upload(
     client: Client,
-    path: Path,
+    path: Path | Sequence[Path],
     *,
     name: str | None = None,
-    kind: str = "other",
+    kind: str | None = None,
     concurrency: int = DEFAULT_CONCURRENCY,
     memory_part_bytes: int = IN_MEMORY_PART_BYTES,
     progress: Progress | None = None,
     on_start: Callable[[str, int, bool], None] | None = None,
+    upload_link: str | None = None,
+    destination: Destination | None = None,
 ) -> str:
-    """Upload `path` (a file or a directory) encrypted; return the artifact id.
+    """Upload `path` (a file, a directory, or a list of files) encrypted; return the artifact id.
 
     An unfinished upload of the same name, kind, paths and sizes by the same principal is resumed.
+    With `upload_link` (a token), the upload goes to that link's organisation, of its kind
+    (default "other" without one); run again, it resumes the upload the link started.
+    `destination` sends it elsewhere than one's own organisation (a finding's body).
+    A list of files is uploaded with each file's name as its path (names must differ).
     `on_start(artifact_id, total_bytes, resumed)` is called once the upload is known.
     """
     identity = client.identity
     if identity is None:
         raise ValidationError("uploading needs an identity (--identity)")
-    root_name, sources = collect(path)
+    root_name, sources = collect(path) if isinstance(path, Path) else collect_files(path)
     name = name or root_name
     me = await client.whoami()
-    detail = await _find_resumable(client, me, name, kind, sources)
+    if upload_link is not None:
+        if destination is not None:
+            raise ValidationError("an upload goes through an upload link or to a destination, not both")
+        kind, destination, detail = await _link_destination(client, upload_link, kind, sources)
+    else:
+        kind = kind or "other"
+        detail = await _find_resumable(client, me, name, kind, sources)
     resumed = detail is not None
     if detail is None:
         file_key = age.generate_file_key()
-        detail = await _start(client, me, name, kind, sources, file_key)
+        detail = await _start(client, me, name, kind, sources, file_key, destination)
     else:
         file_key = age.unwrap_file_key(await api.header(client, detail["id"]), [identity.age_identity])
     artifact_id = detail["id"]

@@ -5,10 +5,15 @@ nonce, then 64 KiB chunks, see `exchange.format._stream`), uploaded as an S3 mul
 This module holds what client and service must agree on byte for byte:
 
 Paths. A file's path inside its artifact is relative, '/'-separated and already normal: no empty
-components, no '.' or '..', no leading '/', no backslash, no NUL or other control character, each
-component at most 255 UTF-8 bytes, and no path that is a directory of another. `check_path`
-refuses rather than repairs: the client normalises what it reads from disk, the service refuses
-anything that is not already normal, so one file has exactly one spelling.
+components, no '.' or '..', no leading '/', no backslash, no NUL or other control character (C0,
+DEL and C1: CR and LF included), each component at most MAX_COMPONENT_BYTES (255) UTF-8 bytes and
+the path at most MAX_PATH_BYTES (4096), as on Linux and macOS; no path that is a directory of
+another, and no two paths that are the same text once Unicode-normalised (NFC): "café" composed
+and decomposed are one name on macOS and others, so twins are refused naming both (`check_paths`,
+code `path-collision`). `check_path` refuses rather than repairs: the client normalises what it
+reads from disk, the service refuses anything that is not already normal, so one file has exactly
+one spelling. Other characters are kept exactly (bidirectional overrides such as U+202E
+included): they are data, shown escaped by the CLI, never interpreted.
 
 The part layout. Part boundaries fall on chunk boundaries, so every part can be encrypted and
 decrypted on its own from the plaintext (or ciphertext) at a computable offset. With P, the part
@@ -49,6 +54,7 @@ import binascii
 import hashlib
 import json
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,7 +69,9 @@ from ._stream import CHUNK_SIZE, ENCRYPTED_CHUNK_SIZE, NONCE_SIZE, chunk_count, 
 __all__ = [
     "KINDS",
     "MANIFEST_TYPE",
+    "MAX_COMPONENT_BYTES",
     "MAX_PARTS",
+    "MAX_PATH_BYTES",
     "FileEntry",
     "Manifest",
     "PartRange",
@@ -81,9 +89,13 @@ KINDS = ("model-weights", "dataset", "report", "finding-attachment", "other")
 MAX_PARTS = 10_000
 #: The largest part S3 accepts (5 GiB).
 MAX_PART_BYTES = 5 * 1024**3
-_MAX_PATH_BYTES = 4096
-_MAX_COMPONENT_BYTES = 255
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: The longest path in an artifact, in UTF-8 bytes (Linux's PATH_MAX).
+MAX_PATH_BYTES = 4096
+#: The longest component (file or directory name) of a path, in UTF-8 bytes (NAME_MAX on Linux
+#: and macOS): a longer name could not be written by a downloader.
+MAX_COMPONENT_BYTES = 255
+#: C0 controls (NUL, CR, LF, ESC, ...), DEL and C1 controls (0x9b is a terminal's CSI).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _FILE_FIELDS = {"path", "size", "sha256", "nonce", "ciphertext_size", "ciphertext_digest", "object"}
 _MANIFEST_FIELDS = {"type", "artifact", "org", "name", "kind", "uploader", "part_size", "files"}
@@ -107,30 +119,54 @@ def check_path(path: str) -> str:
         encoded = path.encode("utf-8")
     except UnicodeEncodeError:
         raise ValidationError(f"the path {shown} is not valid Unicode text") from None
-    if len(encoded) > _MAX_PATH_BYTES:
-        raise ValidationError(f"the path {shown} is longer than {_MAX_PATH_BYTES} bytes")
+    if len(encoded) > MAX_PATH_BYTES:
+        raise ValidationError(
+            f"the path {shown} is {len(encoded)} bytes long, over the limit of {MAX_PATH_BYTES} bytes",
+            code="path-too-long",
+        )
     for part in path.split("/"):
         if part in ("", ".", ".."):
             raise ValidationError(f"the path {shown} is not normal: it has an empty, '.' or '..' component")
-        if len(part.encode("utf-8")) > _MAX_COMPONENT_BYTES:
-            raise ValidationError(f"a component of the path {shown} is over {_MAX_COMPONENT_BYTES} bytes")
+        size = len(part.encode("utf-8"))
+        if size > MAX_COMPONENT_BYTES:
+            raise ValidationError(
+                f"a name in the path {shown} is {size} bytes long, over the limit of"
+                f" {MAX_COMPONENT_BYTES} bytes for one file or directory name",
+                code="path-too-long",
+            )
     return path
 
 
 def check_paths(paths: Iterable[str]) -> list[str]:
-    """Check every path, and that no two clash: duplicates, or a file that is another's directory."""
+    """Check every path, and that no two clash: duplicates, Unicode-normalisation twins, or a
+    file that is another's directory (also through a twin)."""
     checked = sorted(check_path(p) for p in paths)
     if not checked:
         raise ValidationError("an artifact needs at least one file")
-    seen = set(checked)
-    if len(seen) != len(checked):
-        raise ValidationError("two files in the artifact have the same path")
-    for path in checked:
-        parts = path.split("/")
+    # Compared in NFC: two spellings of one name are one file on macOS (and to most people).
+    by_form: dict[str, str] = {}
+    for i, path in enumerate(checked):
+        if i and checked[i - 1] == path:  # sorted: exact duplicates are neighbours
+            raise ValidationError(
+                f"two files in the artifact have the same path {path!r}", code="path-collision"
+            )
+        twin = by_form.setdefault(unicodedata.normalize("NFC", path), path)
+        if twin != path:
+            raise ValidationError(
+                f"the paths {twin!a} and {path!a} are the same name once Unicode-normalised"
+                " (NFC); they would overwrite each other on macOS and other systems: rename one",
+                code="path-collision",
+            )
+    for form, path in by_form.items():
+        parts = form.split("/")
         for depth in range(1, len(parts)):
-            parent = "/".join(parts[:depth])
-            if parent in seen:
-                raise ValidationError(f"the path {parent!r} is a file and also a directory of {path!r}")
+            parent = by_form.get("/".join(parts[:depth]))
+            if parent is not None:
+                raise ValidationError(
+                    f"the path {parent!a} is a file and also a directory of {path!a}"
+                    + ("" if path.startswith(parent + "/") else " once Unicode-normalised (NFC)"),
+                    code="path-collision",
+                )
     return checked
 
 

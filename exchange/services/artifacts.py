@@ -25,10 +25,12 @@ an artifact; does the manifest match the records) are the plain functions at the
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import logging
-from collections.abc import Sequence
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,9 +61,11 @@ from .principals import Principal, new_id, require_role
 __all__ = [
     "Artifact",
     "ArtifactFile",
+    "Claim",
     "FileDeclaration",
     "Limits",
     "PartURL",
+    "Target",
     "abort",
     "complete",
     "create",
@@ -187,6 +191,26 @@ class ArtifactFile:
 
 
 @dataclass(frozen=True)
+class Target:
+    """Where an upload lands when it is not simply its uploader's organisation's own: an upload
+    link's organisation, or a finding's. The artifact belongs to `org_id`; its headers must be for
+    that organisation's active developers, the uploader, and the `extra` principals (name -> id)."""
+
+    org_id: str
+    org_name: str
+    extra: dict[str, str]
+    details: dict[str, Any]
+    #: Run in the same transaction once the artifact's rows exist (e.g. to spend the upload link
+    #: with a guarded UPDATE that references them); raising refuses the whole creation.
+    finish: Callable[[Connection], Awaitable[None]] | None = None
+
+
+#: Decides, inside the creating transaction, where an upload lands — or refuses it. Called with the
+#: connection, the new artifact's id, its kind and its total plaintext bytes.
+Claim = Callable[[Connection, str, str, int], Awaitable[Target]]
+
+
+@dataclass(frozen=True)
 class PartURL:
     file: int
     number: int
@@ -199,8 +223,14 @@ class PartURL:
 
 def may_see(principal: Principal, artifact: Artifact, *, granted: bool = False) -> bool:
     """Metadata: the owning organisation's principals; admins and auditors see every artifact;
-    anyone else only while an active (unrevoked, unexpired) grant names them."""
-    return principal.org_id == artifact.org_id or principal.role in ("admin", "auditor") or granted
+    its uploader (who may be of another organisation, through an upload link); anyone else only
+    while an active (unrevoked, unexpired) grant names them."""
+    return (
+        principal.org_id == artifact.org_id
+        or principal.role in ("admin", "auditor")
+        or principal.id == artifact.created_by
+        or granted
+    )
 
 
 def require_uploader(principal: Principal, artifact: Artifact) -> None:
@@ -326,6 +356,15 @@ async def has_active_grant(conn: Connection, artifact_id: str, principal_id: str
     return found is not None
 
 
+async def _holds_header(conn: Connection, artifact_id: str, principal_id: str) -> bool:
+    found = await conn.fetchval(
+        "SELECT 1 FROM artifact_headers WHERE artifact_id = $1 AND principal_id = $2",
+        artifact_id,
+        principal_id,
+    )
+    return found is not None
+
+
 async def _visible(
     conn: Connection, principal: Principal, artifact_id: str, now_ms: int | None = None
 ) -> Artifact:
@@ -334,6 +373,8 @@ async def _visible(
     visible = artifact is not None and (
         may_see(principal, artifact)
         or (now_ms is not None and await has_active_grant(conn, artifact_id, principal.id, now_ms))
+        # A finding's body or attachments, for the clearinghouse principals it was encrypted to.
+        or (artifact.kind == "finding-attachment" and await _holds_header(conn, artifact_id, principal.id))
     )
     # Not visible and not there answer alike: an id reveals nothing about another organisation.
     if artifact is None or not visible:
@@ -391,7 +432,7 @@ async def list_artifacts(
     everyone = principal.role in ("admin", "auditor")
     after_ms, after_id = after if after else (None, None)
     rows = await db.fetchall(
-        _SELECT + " WHERE ($1 OR a.org_id = $2 OR " + _GRANTED + ")"
+        _SELECT + " WHERE ($1 OR a.org_id = $2 OR a.created_by = $8 OR " + _GRANTED + ")"
         " AND (CAST($3 AS TEXT) IS NULL OR a.status = $3)"
         " AND (CAST($4 AS BIGINT) IS NULL OR a.created_at_ms < $4 OR (a.created_at_ms = $4 AND a.id < $5))"
         " ORDER BY a.created_at_ms DESC, a.id DESC LIMIT $6",
@@ -419,7 +460,17 @@ async def upload_status(
     stored: dict[int, list[Part]] = {}
     for f in files:
         if f.upload_id is not None:
-            unique = {p.number: p for p in await storage.list_parts(f.object_key, f.upload_id)}
+            try:
+                unique = {p.number: p for p in await storage.list_parts(f.object_key, f.upload_id)}
+            except NotFound:
+                # Assembled by a completion refused later (another file's parts were missing):
+                # the object stands, so every part of it is stored.
+                if not await _assembled(storage, f):
+                    raise Conflict(
+                        f"{f.path!r}: the upload is gone from storage", code="upload-gone"
+                    ) from None
+                ranges = part_ranges(f.plaintext_size, artifact.part_size)
+                unique = {r.number: Part(r.number, r.size, "", None) for r in ranges}
             stored[f.idx] = [unique[n] for n in sorted(unique)]
     return artifact, files, digests, stored
 
@@ -508,9 +559,14 @@ async def create(
     headers: dict[str, bytes],
     limits: Limits,
     now_ms: int,
+    claim: Claim | None = None,
 ) -> tuple[Artifact, list[ArtifactFile]]:
-    """Start an upload: record the files and the recipients' headers; storage is touched later."""
-    require_role(principal, "developer")
+    """Start an upload: record the files and the recipients' headers; storage is touched later.
+
+    Without `claim`, a developer uploads into its own organisation. With it (an upload link, a
+    finding), `claim` decides in the same transaction where the artifact lands, or refuses."""
+    if claim is None:
+        require_role(principal, "developer")
     if kind not in KINDS:
         raise ValidationError(f"kind must be one of: {', '.join(KINDS)}", field="kind")
     if len(files) > limits.max_files:
@@ -530,11 +586,15 @@ async def create(
     by_path = {f.path: f for f in files}
     artifact_id = new_id("art")
     async with db.transaction() as conn:
+        if claim is None:
+            target = Target(principal.org_id, principal.org_name, {}, {})
+        else:
+            target = await claim(conn, artifact_id, kind, total)
         developers = await conn.fetchall(
             "SELECT id, name FROM principals WHERE org_id = $1 AND status = 'active' AND role = 'developer'",
-            principal.org_id,
+            target.org_id,
         )
-        wanted = {r["name"]: r["id"] for r in developers} | {principal.name: principal.id}
+        wanted = {r["name"]: r["id"] for r in developers} | target.extra | {principal.name: principal.id}
         missing = sorted(set(wanted) - set(headers))
         if missing:
             raise Conflict(
@@ -546,7 +606,7 @@ async def create(
         unknown = sorted(set(headers) - set(wanted))
         if unknown:
             raise ValidationError(
-                f"headers name principals that are not active developers of {principal.org_name}:"
+                f"headers name principals that are not active developers of {target.org_name}:"
                 f" {', '.join(unknown[:10])}",
                 code="headers-unknown",
             )
@@ -554,7 +614,7 @@ async def create(
             "INSERT INTO artifacts (id, org_id, name, kind, status, created_by, created_at_ms, part_size,"
             " file_count, plaintext_bytes) VALUES ($1, $2, $3, $4, 'uploading', $5, $6, $7, $8, $9)",
             artifact_id,
-            principal.org_id,
+            target.org_id,
             name,
             kind,
             principal.id,
@@ -586,6 +646,8 @@ async def create(
                 raw,
                 now_ms,
             )
+        if target.finish is not None:
+            await target.finish(conn)
         await audit.append(
             conn,
             ctx,
@@ -597,7 +659,8 @@ async def create(
                 "files": len(files),
                 "bytes": total,
                 "recipients": sorted(headers),
-            },
+            }
+            | target.details,
         )
         artifact = await _artifact(conn, artifact_id)
         assert artifact is not None
@@ -710,6 +773,12 @@ async def issue_part_urls(
     return out
 
 
+async def _assembled(storage: Storage, f: ArtifactFile) -> bool:
+    """Does storage hold `f`'s object, assembled, at its full size?"""
+    info = await storage.head(f.object_key)
+    return info is not None and info.size == f.ciphertext_size
+
+
 async def _assemble(storage: Storage, artifact: Artifact, f: ArtifactFile, digests: dict[int, bytes]) -> None:
     """Complete one file's multipart upload after checking what storage holds."""
     ranges = part_ranges(f.plaintext_size, artifact.part_size)
@@ -719,8 +788,7 @@ async def _assemble(storage: Storage, artifact: Artifact, f: ArtifactFile, diges
         stored = await storage.list_parts(f.object_key, f.upload_id)
     except NotFound:
         # Already assembled by an earlier completion that failed later on: the object stands.
-        info = await storage.head(f.object_key)
-        if info is not None and info.size == f.ciphertext_size:
+        if await _assembled(storage, f):
             return
         raise Conflict(f"{f.path!r}: the upload is gone from storage", code="upload-gone") from None
     parts = check_stored_parts(f, stored, ranges)
@@ -735,6 +803,13 @@ async def _assemble(storage: Storage, artifact: Artifact, f: ArtifactFile, diges
     ]
     try:
         await storage.complete_multipart(f.object_key, f.upload_id, with_digests)
+    except NotFound:
+        # A racing completion assembled it between our listing and our request, and this store
+        # forgets a completed upload (S3 proper may answer NoSuchUpload; SeaweedFS repeats the
+        # completion): the parts are bound to their digests, so the object stands as it would.
+        if await _assembled(storage, f):
+            return
+        raise Conflict(f"{f.path!r}: the upload is gone from storage", code="upload-gone") from None
     except Conflict as exc:
         raise Conflict(
             f"{f.path!r}: storage refused to assemble the parts ({exc.message}): a stored part does not"
@@ -744,6 +819,10 @@ async def _assemble(storage: Storage, artifact: Artifact, f: ArtifactFile, diges
     info = await storage.head(f.object_key)
     if info is None or info.size != f.ciphertext_size:
         raise Conflict(f"{f.path!r}: the assembled object has the wrong size", code="part-size-mismatch")
+
+
+#: One lock per (database, artifact) being completed in this process; gone once unused.
+_completing: weakref.WeakValueDictionary[tuple[int, str], asyncio.Lock] = weakref.WeakValueDictionary()
 
 
 async def complete(
@@ -758,7 +837,43 @@ async def complete(
     signature: bytes,
     now_ms: int,
 ) -> Artifact:
-    """Verify the signed manifest against the records and storage, assemble, mark complete."""
+    """Verify the signed manifest against the records and storage, assemble, mark complete.
+
+    Completions of one artifact run one at a time in this process, so the second reads the
+    status the first committed and is refused with `artifact-complete` before storage is touched
+    again. Across replicas they may overlap: assembly is repeatable (parts are bound to their
+    digests), the final UPDATE is guarded by status, and a loser whose assembly stumbled over
+    the winner's is told that the upload was completed meanwhile."""
+    key = (id(db), artifact_id)
+    lock = _completing.get(key)
+    if lock is None:
+        lock = _completing[key] = asyncio.Lock()
+    async with lock:
+        return await _complete(
+            db,
+            storage,
+            audit,
+            ctx,
+            principal,
+            artifact_id,
+            manifest_json=manifest_json,
+            signature=signature,
+            now_ms=now_ms,
+        )
+
+
+async def _complete(
+    db: Database,
+    storage: Storage,
+    audit: AuditLog,
+    ctx: Context,
+    principal: Principal,
+    artifact_id: str,
+    *,
+    manifest_json: Any,
+    signature: bytes,
+    now_ms: int,
+) -> Artifact:
     async with db.read() as conn:
         artifact = await _visible(conn, principal, artifact_id)
         require_uploader(principal, artifact)
@@ -767,8 +882,18 @@ async def complete(
     manifest = Manifest.from_json(manifest_json)
     manifest.verify(signature, principal.signing_public_key)
     check_manifest(manifest, artifact, principal, files, digests)
-    for f in files:
-        await _assemble(storage, artifact, f, digests[f.idx])
+    try:
+        for f in files:
+            await _assemble(storage, artifact, f, digests[f.idx])
+    except Conflict:
+        # Another replica's completion may have assembled (and removed the upload) meanwhile.
+        async with db.read() as conn:
+            now = await _artifact(conn, artifact_id)
+        if now is not None and now.status != "uploading":
+            raise Conflict(
+                "the upload was completed or aborted meanwhile", code="artifact-not-uploading"
+            ) from None
+        raise
     canonical = manifest.canonical()
     async with db.transaction() as conn:
         done = await conn.execute(

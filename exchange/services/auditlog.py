@@ -37,7 +37,7 @@ from ..format import merkle
 from ..format.checkpoint import Checkpoint
 from ..format.note import Signature, Signer, sign_note
 from ..settings import Settings
-from ..witness import request_cosignature
+from ..witness import request_cosignature, witness_session
 from .audit import SYSTEM, AuditLog, Context, read_nodes
 
 __all__ = [
@@ -232,8 +232,9 @@ class Publisher:
     async def _cosign(self, note: bytes, size: int, published: int) -> list[str]:
         if not self.witnesses.urls:
             return []
-        timeout = aiohttp.ClientTimeout(total=self.settings.witness_timeout_s)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
+        async with witness_session(
+            timeout_s=self.settings.witness_timeout_s, allow_private=self.settings.witness_allow_private
+        ) as session:
             results = await asyncio.gather(
                 *(self._cosign_one(session, url, note, size, published) for url in self.witnesses.urls)
             )

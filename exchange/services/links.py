@@ -26,8 +26,10 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import ipaddress
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,9 +37,10 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
 from ..db import Connection, Database, Row
-from ..errors import Conflict, ExchangeError, InputError, NotFound, PermissionDenied, ValidationError
+from ..errors import Conflict, InputError, NotFound, PermissionDenied, ValidationError
+from ..format.receipt import receipt_message
 from ..storage import Storage
-from .artifacts import Artifact, ArtifactFile, _artifact, _digests, _files, _visible, has_active_grant
+from .artifacts import Artifact, ArtifactFile, _artifact, _digests, _files, _visible
 from .audit import AuditLog, Context
 from .grants import require_owner
 from .principals import Principal, get_principal, new_id
@@ -65,7 +68,7 @@ __all__ = [
 
 TOKEN_PREFIX = "exl1_"  # noqa: S105 - a prefix, not a secret
 _TOKEN_BYTES = 32
-_TOKEN = re.compile(r"exl1_[A-Za-z0-9_-]{43}")
+_TOKEN_BODY = re.compile(r"[A-Za-z0-9_-]{43}")
 _SESSION = re.compile(r"ses_[0-9a-f]{32}")
 
 
@@ -82,6 +85,10 @@ class LinkRefused(NotFound):
         self.reason = reason
         self.link_id = link_id
 
+    @property
+    def audit_reason(self) -> str:
+        return self.reason
+
 
 class RangeNotSatisfiable(InputError):
     status = 416
@@ -92,17 +99,17 @@ class RangeNotSatisfiable(InputError):
 # -- tokens ---------------------------------------------------------------------------------------
 
 
-def new_token() -> str:
-    return TOKEN_PREFIX + base64.urlsafe_b64encode(secrets.token_bytes(_TOKEN_BYTES)).rstrip(b"=").decode()
+def new_token(prefix: str = TOKEN_PREFIX) -> str:
+    return prefix + base64.urlsafe_b64encode(secrets.token_bytes(_TOKEN_BYTES)).rstrip(b"=").decode()
 
 
-def parse_token(text: str) -> bytes:
+def parse_token(text: str, prefix: str = TOKEN_PREFIX) -> bytes:
     """The token's SHA-256, if `text` is a canonical token; LinkRefused('link-malformed') if not.
 
     Pure: nothing is looked up for a token that does not parse."""
-    if not _TOKEN.fullmatch(text):
+    if not (text.startswith(prefix) and _TOKEN_BODY.fullmatch(text[len(prefix) :])):
         raise LinkRefused("link-malformed")
-    body = text[len(TOKEN_PREFIX) :]
+    body = text[len(prefix) :]
     try:
         raw = base64.urlsafe_b64decode(body + "=")
     except (binascii.Error, ValueError):  # pragma: no cover - the pattern admits only the alphabet
@@ -132,6 +139,7 @@ class Link:
     max_downloads: int | None
     downloads: int
     revoked_at_ms: int | None
+    allowed_networks: list[str] | None = None
 
     @classmethod
     def from_row(cls, row: Row) -> Link:
@@ -146,6 +154,7 @@ class Link:
             max_downloads=row["max_downloads"],
             downloads=row["downloads"],
             revoked_at_ms=row["revoked_at_ms"],
+            allowed_networks=None if row["allowed_networks"] is None else row["allowed_networks"].split(","),
         )
 
     def to_json(self, now_ms: int) -> dict[str, Any]:
@@ -160,6 +169,7 @@ class Link:
             "max_downloads": self.max_downloads,
             "downloads": self.downloads,
             "revoked_at_ms": self.revoked_at_ms,
+            "allowed_networks": self.allowed_networks,
             "state": self.state(now_ms),
         }
 
@@ -189,10 +199,50 @@ class LinkRecord:
     grant_expires_at_ms: int | None
     grant_revoked_at_ms: int | None
     has_grant: bool
+    allowed_networks: tuple[IPNetwork, ...] | None = None
 
 
-def check_link(link: LinkRecord, now_ms: int, *, counting: bool) -> None:
-    """May this link be redeemed now? Raise LinkRefused with the precise reason if not.
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: At most this many networks in one link's allow-list.
+MAX_ALLOWED_NETWORKS = 32
+
+
+def parse_networks(texts: Sequence[str]) -> tuple[IPNetwork, ...]:
+    """An allow-list as written (`203.0.113.7`, `198.51.100.0/24`, `2001:db8::/48`), or
+    ValidationError naming the entry that is not a network."""
+    if not texts:
+        raise ValidationError("an allow-list needs at least one network", field="allowed_networks")
+    if len(texts) > MAX_ALLOWED_NETWORKS:
+        raise ValidationError(
+            f"an allow-list holds at most {MAX_ALLOWED_NETWORKS} networks", field="allowed_networks"
+        )
+    networks = []
+    for text in texts:
+        try:
+            networks.append(ipaddress.ip_network(text.strip(), strict=False))
+        except ValueError:
+            raise ValidationError(
+                f"{text!r} is not an IP address or network (write 203.0.113.7 or 198.51.100.0/24)",
+                field="allowed_networks",
+            ) from None
+    return tuple(networks)
+
+
+def ip_allowed(networks: tuple[IPNetwork, ...] | None, ip: str | None) -> bool:
+    if networks is None:
+        return True
+    try:
+        address = ipaddress.ip_address(ip or "")
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in n for n in networks)
+
+
+def check_link(link: LinkRecord, now_ms: int, *, counting: bool, ip: str | None = None) -> None:
+    """May this link be redeemed now, from `ip`? Raise LinkRefused with the precise reason if not.
 
     `counting`: the request would open a new download session, so the count must allow one."""
 
@@ -203,6 +253,8 @@ def check_link(link: LinkRecord, now_ms: int, *, counting: bool) -> None:
         raise refuse("link-revoked")
     if link.expires_at_ms <= now_ms:
         raise refuse("link-expired")
+    if not ip_allowed(link.allowed_networks, ip):
+        raise refuse("ip-not-allowed")
     if link.recipient.status != "active":
         raise refuse("recipient-disabled")
     if link.artifact_status != "complete":
@@ -256,6 +308,7 @@ _LINK_SELECT = (
 
 _RECORD_SELECT = (
     "SELECT l.id, l.artifact_id, l.expires_at_ms, l.max_downloads, l.downloads, l.revoked_at_ms,"
+    " l.allowed_networks,"
     " a.status AS artifact_status, a.org_id AS artifact_org_id,"
     " g.expires_at_ms AS grant_expires_at_ms, g.revoked_at_ms AS grant_revoked_at_ms,"
     " g.principal_id AS grant_principal,"
@@ -284,7 +337,12 @@ def _record(row: Row) -> LinkRecord:
         grant_expires_at_ms=row["grant_expires_at_ms"],
         grant_revoked_at_ms=row["grant_revoked_at_ms"],
         has_grant=row["grant_principal"] is not None,
+        allowed_networks=_networks(row["allowed_networks"]),
     )
+
+
+def _networks(stored: str | None) -> tuple[IPNetwork, ...] | None:
+    return None if stored is None else tuple(ipaddress.ip_network(n) for n in stored.split(","))
 
 
 @dataclass(frozen=True)
@@ -298,23 +356,31 @@ class Redemption:
     session: str | None = None
 
 
-async def _resolve(
-    conn: Connection, token_hash: bytes, now_ms: int, *, counting: bool
-) -> tuple[LinkRecord, Artifact]:
+async def _check(
+    conn: Connection, token_hash: bytes, now_ms: int, *, counting: bool, ip: str | None
+) -> LinkRecord:
+    """The link's record, if redeemable now from `ip`; LinkRefused with the reason if not."""
     row = await conn.fetchone(_RECORD_SELECT, token_hash)
     if row is None:
         raise LinkRefused("link-unknown")
     record = _record(row)
-    check_link(record, now_ms, counting=counting)
+    check_link(record, now_ms, counting=counting, ip=ip)
+    return record
+
+
+async def _resolve(
+    conn: Connection, token_hash: bytes, now_ms: int, *, counting: bool, ip: str | None
+) -> tuple[LinkRecord, Artifact]:
+    record = await _check(conn, token_hash, now_ms, counting=counting, ip=ip)
     artifact = await _artifact(conn, record.artifact_id)
     assert artifact is not None
     return record, artifact
 
 
-async def resolve(db: Database, token_hash: bytes, now_ms: int) -> Redemption:
-    """The link, its artifact and files, if redeemable now (not counted, not audited)."""
+async def resolve(db: Database, token_hash: bytes, now_ms: int, *, ip: str | None) -> Redemption:
+    """The link, its artifact and files, if redeemable now from `ip` (not counted, not audited)."""
     async with db.read() as conn:
-        record, artifact = await _resolve(conn, token_hash, now_ms, counting=False)
+        record, artifact = await _resolve(conn, token_hash, now_ms, counting=False, ip=ip)
         return Redemption(
             record, artifact, await _files(conn, artifact.id), await _digests(conn, artifact.id)
         )
@@ -370,7 +436,7 @@ async def open_session(
 ) -> Redemption:
     """Open a counted download session, or (with `session`) continue one without counting."""
     async with db.transaction() as conn:
-        record, artifact = await _resolve(conn, token_hash, now_ms, counting=session is None)
+        record, artifact = await _resolve(conn, token_hash, now_ms, counting=session is None, ip=ctx.ip)
         if session is None:
             session = await _open(conn, audit, ctx, record, now_ms)
         else:
@@ -392,7 +458,7 @@ async def header(
 ) -> tuple[LinkRecord, bytes]:
     """The bound recipient's age header; not counted (it opens nothing without the payload)."""
     async with db.transaction() as conn:
-        record, _ = await _resolve(conn, token_hash, now_ms, counting=False)
+        record = await _check(conn, token_hash, now_ms, counting=False, ip=ctx.ip)
         raw = await conn.fetchval(
             "SELECT header FROM artifact_headers WHERE artifact_id = $1 AND principal_id = $2",
             record.artifact_id,
@@ -427,8 +493,8 @@ async def file_url(
 
     Without a session, this request opens (and counts) one."""
     async with db.transaction() as conn:
-        record, artifact = await _resolve(conn, token_hash, now_ms, counting=session is None)
-        files = {f.idx: f for f in await _files(conn, artifact.id)}
+        record = await _check(conn, token_hash, now_ms, counting=session is None, ip=ctx.ip)
+        files = {f.idx: f for f in await _files(conn, record.artifact_id)}
         f = files.get(index)
         if f is None:
             raise NotFound(f"the artifact has files 0 to {len(files) - 1}, not {index}", code="no-such-file")
@@ -465,8 +531,9 @@ async def receipt(
 ) -> dict[str, Any]:
     """Record the recipient's signed receipt of a session's download: the end of custody.
 
-    The signature is the recipient's Ed25519 signature over the artifact's manifest digest
-    (SHA-256 of the canonical signed manifest), checked against the recipient's registered key.
+    The signature is the recipient's Ed25519 signature over `format.receipt.receipt_message`
+    (artifact, link, session and manifest digest, domain-separated), checked against the
+    recipient's registered key.
     A link's receipts stay acceptable after it expires or is used up: the download happened."""
     async with db.transaction() as conn:
         row = await conn.fetchone(_RECORD_SELECT, token_hash)
@@ -477,8 +544,11 @@ async def receipt(
         digest = await conn.fetchval(
             "SELECT manifest_sha256 FROM artifacts WHERE id = $1", record.artifact_id
         )
+        message = receipt_message(
+            artifact=record.artifact_id, link=record.id, session=session, manifest_sha256=bytes(digest)
+        )
         try:
-            VerifyKey(record.recipient.signing_public_key).verify(bytes(digest), signature)
+            VerifyKey(record.recipient.signing_public_key).verify(message, signature)
         except (BadSignatureError, ValueError):
             raise PermissionDenied(
                 f"the receipt is not signed by {record.recipient.name}, the link's recipient",
@@ -527,14 +597,19 @@ async def create(
     max_lifetime_s: int,
     max_downloads: int | None,
     now_ms: int,
+    allowed_networks: Sequence[str] | None = None,
 ) -> tuple[Link, str]:
-    """A new link for a granted recipient; return it and its token (shown once, never stored)."""
+    """A new link for a granted recipient; return it and its token (shown once, never stored).
+
+    `allowed_networks`: redeem only from these addresses or networks (None: from anywhere)."""
     if not 0 < lifetime_s <= max_lifetime_s:
         raise ValidationError(
             f"a link lives between 1 second and {max_lifetime_s} seconds", code="link-lifetime"
         )
     if max_downloads is not None and max_downloads < 1:
         raise ValidationError("max_downloads must be at least 1", field="max_downloads")
+    networks = None if allowed_networks is None else parse_networks(allowed_networks)
+    stored_networks = None if networks is None else ",".join(str(n) for n in networks)
     recipient = await get_principal(db, recipient_name)
     token = new_token()
     link_id = new_id("lnk")
@@ -549,7 +624,19 @@ async def create(
         if recipient.status != "active":
             raise Conflict(f"{recipient.name} is not an active principal", code="principal-disabled")
         needs_grant = recipient.org_id != artifact.org_id
-        if needs_grant and not await has_active_grant(conn, artifact_id, recipient.id, now_ms):
+        # Check the grant with a guarded no-op UPDATE, not a SELECT: it locks the grant row until
+        # this transaction commits (PostgreSQL row lock; SQLite's writer lock anyway), so a racing
+        # revoke either commits first (the guard fails: refused) or waits, and then its
+        # `UPDATE links` sees and revokes this link. A plain SELECT let a revoke commit between
+        # the check and the INSERT on READ COMMITTED, leaving a live link issued after it.
+        locked = needs_grant and await conn.execute(
+            "UPDATE grants SET revoked_at_ms = revoked_at_ms WHERE artifact_id = $1 AND principal_id = $2"
+            " AND revoked_at_ms IS NULL AND (expires_at_ms IS NULL OR expires_at_ms > $3)",
+            artifact_id,
+            recipient.id,
+            now_ms,
+        )
+        if needs_grant and locked != 1:
             raise Conflict(
                 f"{recipient.name} holds no active grant of {artifact_id}: grant it first", code="not-granted"
             )
@@ -563,7 +650,8 @@ async def create(
         expires = now_ms + lifetime_s * 1000
         await conn.execute(
             "INSERT INTO links (id, token_sha256, artifact_id, recipient_id, created_by, created_at_ms,"
-            " expires_at_ms, max_downloads, downloads) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0)",
+            " expires_at_ms, max_downloads, downloads, allowed_networks)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, $9)",
             link_id,
             hash_token(token),
             artifact_id,
@@ -572,6 +660,7 @@ async def create(
             now_ms,
             expires,
             max_downloads,
+            stored_networks,
         )
         await audit.append(
             conn,
@@ -583,6 +672,7 @@ async def create(
                 "recipient": recipient.name,
                 "expires_at_ms": expires,
                 "max_downloads": max_downloads,
+                "allowed_networks": None if networks is None else [str(n) for n in networks],
             },
         )
         row = await conn.fetchone(_LINK_SELECT + " WHERE l.id = $1", link_id)
@@ -637,8 +727,3 @@ async def revoke(
         final = await conn.fetchone(_LINK_SELECT + " WHERE l.id = $1", link_id)
     assert final is not None
     return Link.from_row(final)
-
-
-def audit_reason(exc: ExchangeError) -> str:
-    """What the log records for a refusal: the precise reason behind a uniform answer."""
-    return exc.reason if isinstance(exc, LinkRefused) else exc.code

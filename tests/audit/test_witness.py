@@ -81,6 +81,7 @@ async def witnessed(
         witness_urls=w.url,
         witness_vkeys=w.key.vkey,
         witness_quorum=1,
+        witness_allow_private=True,  # the witness listens on loopback
     )
     yield stack, w
     await stack.server.close()
@@ -259,6 +260,7 @@ async def test_witness_process(
             witness_urls=f"http://127.0.0.1:{port}",
             witness_vkeys=vkey,
             witness_quorum=1,
+            witness_allow_private=True,  # the witness listens on loopback
         )
         try:
             await add_events(stack, 4)

@@ -165,3 +165,69 @@ async def test_execute_is_a_transaction_of_its_own(db: Database) -> None:
         await db.execute("INSERT INTO orgs (id, name, created_at_ms) VALUES ($1, $2, $3)", "o2", "a", NOW)
     assert await db.execute("UPDATE orgs SET name = $1 WHERE id = $2", "b", "o1") == 1
     assert [r["name"] for r in await db.fetchall("SELECT name FROM orgs")] == ["b"]
+
+
+async def test_concurrent_transactions_each_return_committed_and_fail_alone(db: Database) -> None:
+    """Group commit (SQLite) must not change what one transaction sees: each that returns is
+    durable and visible to every reader, and one that fails is undone alone."""
+
+    async def insert(i: int) -> str:
+        try:
+            async with db.transaction() as conn:
+                await conn.execute(
+                    "INSERT INTO orgs (id, name, created_at_ms) VALUES ($1, $2, $3)", f"o{i}", f"n{i}", NOW
+                )
+                if i % 3 == 0:
+                    raise RuntimeError("roll this one back")
+                if i % 3 == 1:  # a constraint violation after a write of its own
+                    await conn.execute(
+                        "INSERT INTO orgs (id, name, created_at_ms) VALUES ($1, $2, $3)",
+                        f"x{i}",
+                        "taken",
+                        NOW,
+                    )
+        except (RuntimeError, Conflict):
+            return "refused"
+        # Committed before the transaction returned: a reader connection sees it at once.
+        assert await db.fetchval("SELECT name FROM orgs WHERE id = $1", f"o{i}") == f"n{i}"
+        return "ok"
+
+    await db.execute("INSERT INTO orgs (id, name, created_at_ms) VALUES ($1, $2, $3)", "t", "taken", NOW)
+    outcomes = await asyncio.gather(*(insert(i) for i in range(30)))
+    assert outcomes == ["refused" if i % 3 != 2 else "ok" for i in range(30)]
+    rows = await db.fetchall("SELECT id FROM orgs WHERE id <> 't'")
+    assert sorted(r["id"] for r in rows) == sorted(f"o{i}" for i in range(30) if i % 3 == 2)
+
+
+async def test_a_failed_commit_fails_every_transaction_it_held(database_url: str) -> None:
+    """SQLite: when the COMMIT shared by concurrent transactions fails, none of them is written
+    and each caller gets DatabaseUnavailable, not a success."""
+    if not database_url.startswith("sqlite"):
+        pytest.skip("group commit is the SQLite backend's")
+    db = await connect(database_url)
+    try:
+        await migrate(db)
+        async with db.transaction() as conn:
+            # A deferred foreign key is checked at COMMIT: a way to make one COMMIT fail.
+            await conn.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+            await conn.execute(
+                "CREATE TABLE child (p INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED)"
+            )
+
+        async def bad() -> None:
+            async with db.transaction() as conn:
+                await conn.execute("INSERT INTO child (p) VALUES (42)")
+
+        async def good(i: int) -> None:
+            await db.execute(
+                "INSERT INTO orgs (id, name, created_at_ms) VALUES ($1, $2, $3)", f"o{i}", f"n{i}", NOW
+            )
+
+        outcomes = await asyncio.gather(bad(), *(good(i) for i in range(5)), return_exceptions=True)
+        assert all(isinstance(o, DatabaseUnavailable) for o in outcomes), outcomes
+        assert await db.fetchval("SELECT COUNT(*) FROM orgs") == 0
+        assert await db.fetchval("SELECT COUNT(*) FROM child") == 0
+        await good(99)  # and the writer goes on
+        assert await db.fetchval("SELECT COUNT(*) FROM orgs") == 1
+    finally:
+        await db.close()

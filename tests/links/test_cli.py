@@ -70,3 +70,75 @@ def test_upload_to_link_download_revoke(served: Served, tmp_path: Path) -> None:
     assert served.run("revoke", artifact_id, "link-tester", identity=dev).returncode == 5
     regrant = served.run("grant", artifact_id, "link-tester", "--until", "30d", identity=dev)
     assert regrant.returncode == 0 and "until" in regrant.stdout
+
+    listed_grants = served.run("--json", "grants", artifact_id, identity=dev)
+    assert listed_grants.returncode == 0, listed_grants.stderr
+    (g,) = json.loads(listed_grants.stdout)
+    assert (g["principal"], g["revoked_at_ms"]) == ("link-tester", None)
+    shown = served.run("grants", artifact_id, identity=dev)
+    assert shown.stdout.startswith("link-tester\tgranted ") and "until" in shown.stdout
+
+
+def test_upload_link_round_trip(served: Served, tmp_path: Path) -> None:
+    for org in ("ul-lab", "ul-aisi"):
+        assert served.run("org", "create", org, identity=served.admin).returncode == 0
+    dev = enrol(served, tmp_path, "ul-dev", "developer", "ul-lab")
+    tester = enrol(served, tmp_path, "ul-tester", "tester", "ul-aisi")
+    bad_size = served.run("upload-link", "create", "--for", "ul-tester", "--max-size", "12XB", identity=dev)
+    assert bad_size.returncode == 2 and "10GiB" in bad_size.stderr
+    made = served.run(
+        "upload-link",
+        "create",
+        "--for",
+        "ul-tester",
+        "--kind",
+        "report",
+        "--max-size",
+        "1MiB",
+        "--expires",
+        "1h",
+        "--note",
+        "transcripts",
+        identity=dev,
+    )
+    assert made.returncode == 0, made.stderr
+    url = made.stdout.strip()
+    assert url.startswith(served.url + "/u/exu1_")
+
+    data = write(tmp_path / "src" / "transcript.txt", 5_000, seed=9)
+    write(tmp_path / "big" / "too-big.bin", 2 * 1024 * 1024, seed=10)
+    too_big = served.run(
+        "upload", str(tmp_path / "big" / "too-big.bin"), "--link", url, identity=tester, server=False
+    )
+    assert too_big.returncode == 2 and "upload-too-large" in too_big.stderr
+    up = served.run(
+        "--json",
+        "upload",
+        str(tmp_path / "src" / "transcript.txt"),
+        "--link",
+        url,
+        identity=tester,
+        server=False,
+    )
+    assert up.returncode == 0, up.stderr
+    artifact_id = json.loads(up.stdout)["id"]
+    again = served.run(
+        "upload", str(tmp_path / "src" / "transcript.txt"), "--link", url, identity=tester, server=False
+    )
+    assert again.returncode == 6 and "already used" in again.stderr
+    stranger = served.run(
+        "upload", str(tmp_path / "src" / "transcript.txt"), "--link", url, identity=dev, server=False
+    )
+    assert stranger.returncode == 5 and "link-unavailable" in stranger.stderr
+
+    listed = served.run("--json", "upload-link", "ls", identity=dev)
+    (link,) = json.loads(listed.stdout)
+    assert (link["state"], link["artifact"], link["note"]) == ("used", artifact_id, "transcripts")
+    human = served.run("upload-link", "ls", identity=dev)
+    assert "used\tul-tester\treport\t<= 1.0 MiB" in human.stdout
+    out = tmp_path / "out"
+    down = served.run("download", artifact_id, "-o", str(out), identity=dev)
+    assert down.returncode == 0, down.stderr
+    assert (out / "transcript.txt").read_bytes() == data
+    assert served.run("upload-link", "revoke", link["id"], identity=tester).returncode == 5
+    assert served.run("upload-link", "revoke", link["id"], identity=dev).returncode == 0

@@ -7,6 +7,7 @@ import base64
 import pytest
 
 from exchange.api.ratelimit import RateLimited, TokenBuckets
+from exchange.services import links
 from exchange.services.links import (
     LinkRefused,
     RangeNotSatisfiable,
@@ -93,3 +94,15 @@ def test_token_buckets_stay_bounded() -> None:
     for i in range(1000):
         buckets.take(f"key-{i}", "x")
     assert len(buckets) <= 100
+
+
+def test_ip_allow_lists() -> None:
+    networks = links.parse_networks(["198.51.100.0/24", " 2001:db8::/32 ", "203.0.113.7"])
+    assert [str(n) for n in networks] == ["198.51.100.0/24", "2001:db8::/32", "203.0.113.7/32"]
+    assert links.ip_allowed(networks, "198.51.100.200")
+    assert links.ip_allowed(networks, "::ffff:203.0.113.7")  # an IPv4 client on a dual-stack socket
+    assert links.ip_allowed(networks, "2001:db8:1::5")
+    assert not links.ip_allowed(networks, "203.0.113.8")
+    assert not links.ip_allowed(networks, None)
+    assert not links.ip_allowed(networks, "not an address")
+    assert links.ip_allowed(None, None)  # no list: from anywhere

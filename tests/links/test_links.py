@@ -22,6 +22,7 @@ from exchange.client import links as api
 from exchange.client.transfer import download
 from exchange.errors import AgeNoIdentityMatch, Conflict, NotFound, PermissionDenied, ValidationError
 from exchange.format import age
+from exchange.format.receipt import receipt_message
 from exchange.identity import Identity
 from tests.conftest import FakeClock, Stack, requires_age
 from tests.links.conftest import USER_AGENT, fetch, make_link, refusals, share
@@ -86,8 +87,15 @@ async def test_grant_link_download_and_receipt(stack: Stack, tmp_path: Path) -> 
     (event,) = [e for e in events if e["action"] == "artifact.receipt"]
     assert event["actor"]["name"] == "tess"
     digest = bytes.fromhex(event["details"]["manifest_sha256"])
+    # An auditor rebuilds the signed message from the event alone and checks it with tess's key.
+    message = receipt_message(
+        artifact=event["resource"]["id"],
+        link=event["details"]["link"],
+        session=event["details"]["session"],
+        manifest_sha256=digest,
+    )
     VerifyKey(shared.tester.public.signing_public_key).verify(
-        digest, base64.b64decode(event["details"]["signature"])
+        message, base64.b64decode(event["details"]["signature"])
     )
     assert event["resource"]["id"] == shared.artifact_id == receipt["artifact"]
     complete = next(e for e in events if e["action"] == "artifact.complete")
@@ -140,6 +148,26 @@ async def test_link_lifetime_is_bounded_by_the_server(stack: Stack, tmp_path: Pa
     assert made["expires_at_ms"] == clock.now_ms + 86400 * 1000  # the default lifetime
     (event,) = await refusals(stack, "link.create")
     assert event["outcome"]["reason"] == "invalid-input"
+
+
+async def test_an_ip_allow_list(stack: Stack, tmp_path: Path) -> None:
+    shared = await share(stack, tmp_path)
+    elsewhere = await make_link(stack, shared, allowed_networks=["203.0.113.0/24", "2001:db8::/32"])
+    here = await make_link(stack, shared, allowed_networks=["127.0.0.1"])
+    # The tests' requests come from 127.0.0.1: one link admits it, the other refuses it.
+    await assert_refused(stack, elsewhere, "ip-not-allowed")
+    await assert_refused(stack, f"{elsewhere}/header", "ip-not-allowed")
+    await assert_refused(stack, f"{elsewhere}/files/0", "ip-not-allowed")
+    assert (await fetch("GET", here)).status == 200
+    assert (await fetch("GET", f"{here}/header")).status == 200
+    async with stack.client(shared.dev) as c:
+        listed = {link["allowed_networks"][0] for link in await api.list_links(c)}
+        assert listed == {"203.0.113.0/24", "127.0.0.1/32"}
+        before = await stack.count("links")
+        for bad in (["10.0.0.0/33"], ["example.com"], [""], [f"10.0.0.{i}" for i in range(33)]):
+            with pytest.raises(ValidationError):
+                await api.create_link(c, shared.artifact_id, "tess", allowed_networks=bad)
+        assert await stack.count("links") == before
 
 
 async def test_revoked_link(stack: Stack, tmp_path: Path) -> None:
@@ -257,6 +285,41 @@ async def test_the_wrong_recipients_key(stack: Stack, tmp_path: Path) -> None:
         for e in await stack.events()
         if e["action"] == "artifact.receipt" and e["outcome"]["result"] == "allowed"
     ]
+
+
+async def test_a_receipt_is_for_one_session(stack: Stack, tmp_path: Path) -> None:
+    shared = await share(stack, tmp_path)
+    url = await make_link(stack, shared, max_downloads=3)
+    server, token = api.split_link(url)
+    out = tmp_path / "out"
+    out.mkdir()
+    async with stack.client(shared.tester) as c:
+        c.server = server
+        await api.download_link(c, token, out)
+        (event,) = [e for e in await stack.events() if e["action"] == "artifact.receipt"]
+        first = base64.b64decode(event["details"]["signature"])
+        digest = bytes.fromhex(event["details"]["manifest_sha256"])
+        second = (await api.open_session(c, token))["session"]
+        # The first session's receipt, replayed onto another session, does not verify there.
+        with pytest.raises(PermissionDenied) as replayed:
+            await api.send_receipt(c, token, second, first)
+        # Nor does the recipient's signature over the bare digest (not domain-separated).
+        with pytest.raises(PermissionDenied) as bare:
+            await api.send_receipt(c, token, second, shared.tester.signing_key.sign(digest).signature)
+        assert replayed.value.code == bare.value.code == "receipt-signature"
+        # The receipt for that session is accepted, once.
+        right = receipt_message(
+            artifact=shared.artifact_id, link=event["details"]["link"], session=second, manifest_sha256=digest
+        )
+        await api.send_receipt(c, token, second, shared.tester.signing_key.sign(right).signature)
+        with pytest.raises(Conflict):
+            await api.send_receipt(c, token, second, shared.tester.signing_key.sign(right).signature)
+    receipts = [
+        e
+        for e in await stack.events()
+        if e["action"] == "artifact.receipt" and e["outcome"]["result"] == "allowed"
+    ]
+    assert [e["details"]["session"] for e in receipts] == [event["details"]["session"], second]
 
 
 async def test_a_burst_of_guessed_tokens(stack: Stack, tmp_path: Path) -> None:
