@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 import rfc8785
@@ -199,12 +200,10 @@ async def test_concurrent_transactions_each_return_committed_and_fail_alone(db: 
     assert sorted(r["id"] for r in rows) == sorted(f"o{i}" for i in range(30) if i % 3 == 2)
 
 
-async def test_a_failed_commit_fails_every_transaction_it_held(database_url: str) -> None:
-    """SQLite: when the COMMIT shared by concurrent transactions fails, none of them is written
-    and each caller gets DatabaseUnavailable, not a success."""
-    if not database_url.startswith("sqlite"):
-        pytest.skip("group commit is the SQLite backend's")
-    db = await connect(database_url)
+async def test_a_failed_commit_fails_every_transaction_it_held(tmp_path: Path) -> None:
+    """SQLite (group commit is that backend's): when the COMMIT shared by concurrent transactions
+    fails, none of them is written and each caller gets DatabaseUnavailable, not a success."""
+    db = await connect(f"sqlite:///{tmp_path / 'exchange.db'}")
     try:
         await migrate(db)
         async with db.transaction() as conn:
