@@ -18,6 +18,12 @@ throughput scenarios need those limits raised, so the server is restarted with
 EXCHANGE_REDEEM_* raised after one short scenario at the default limits, which must show 429 as
 the only refusal.
 
+The scenarios run closed loop (each connection sends again as soon as its answer came: the
+server's ceiling, with the latency of a queue of `--concurrency` requests), then those named in
+`--rates` (by default the issue's targets, issue=300,redeem=1000) open loop: sent at that rate
+whatever the answers do, latency counted from each request's due time, so p99 is the latency at
+that load.
+
 `--soak 10m` instead runs issuance, redemption and audit queries together for that long and
 samples the server's RSS and descriptors as it goes: they must stay flat.
 """
@@ -63,6 +69,8 @@ RAISED_LIMITS = {
     "EXCHANGE_REDEEM_LINK_REQUESTS_PER_MIN": "100000000",
     "EXCHANGE_REDEEM_LINK_BURST_REQUESTS": "100000000",
 }
+#: The scenarios, by the names --only and --rates take.
+SCENARIOS = ("healthz", "whoami", "invite", "issue", "redeem", "counted", "query")
 #: A signed request older than this is signed afresh (the server allows 300 s of skew).
 RESIGN_AFTER_S = 240
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -223,6 +231,19 @@ class Source:
         return self._signer.wire(self.spec)
 
 
+@dataclass(frozen=True)
+class Stream:
+    """`connections` keep-alive connections sending `spec`: each as soon as the last answer came
+    (closed loop: the throughput ceiling), or, with `rate`, at that many requests a second in all
+    (open loop: the latency at a given load). `presign`: signed requests prepared ahead."""
+
+    name: str
+    spec: RequestSpec
+    connections: int
+    presign: int = 0
+    rate: float | None = None
+
+
 @dataclass
 class StreamResult:
     name: str
@@ -247,7 +268,24 @@ class StreamResult:
         return lat[min(len(lat) - 1, int(len(lat) * q))] * 1000
 
 
-async def _connection(host: str, port: int, source: Source, result: StreamResult, stop: float) -> None:
+class Pacer:
+    """Send times for an open-loop stream: request n is due at start + n / rate, whether or not
+    the answers before it have come. Latency counts from the due time, so a server that falls
+    behind shows it in p99 (no coordinated omission) instead of quietly slowing the generator."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.start = time.perf_counter()
+        self.sent = 0
+
+    def next_due(self) -> float:
+        self.sent += 1
+        return self.start + self.sent / self.rate
+
+
+async def _connection(
+    host: str, port: int, source: Source, result: StreamResult, stop: float, pacer: Pacer | None
+) -> None:
     reader: asyncio.StreamReader | None = None
     writer: asyncio.StreamWriter | None = None
     while time.monotonic() < stop:
@@ -256,7 +294,14 @@ async def _connection(host: str, port: int, source: Source, result: StreamResult
                 reader, writer = await asyncio.open_connection(host, port)
             assert reader is not None
             data = source.next()
-            started = time.perf_counter()
+            if pacer is None:
+                started = time.perf_counter()
+            else:
+                started = pacer.next_due()
+                if started > stop - time.monotonic() + time.perf_counter():
+                    break  # due after the window
+                if (delay := started - time.perf_counter()) > 0:
+                    await asyncio.sleep(delay)
             writer.write(data)
             head = await reader.readuntil(b"\r\n\r\n")
             status = int(head[9:12])
@@ -287,22 +332,20 @@ async def _connection(host: str, port: int, source: Source, result: StreamResult
         writer.close()
 
 
-def generate(
-    streams: list[tuple[str, RequestSpec, int, int]], host: str, port: int, seconds: float
-) -> list[StreamResult]:
-    """The load generator, in a process of its own: `streams` are (name, request, connections,
-    requests to sign ahead); all run at once for `seconds`."""
-    sources = [Source(spec, presign) for _, spec, _, presign in streams]
+def generate(streams: list[Stream], host: str, port: int, seconds: float) -> list[StreamResult]:
+    """The load generator, in a process of its own: every stream runs at once for `seconds`."""
+    sources = [Source(stream.spec, stream.presign) for stream in streams]
 
     async def main() -> list[StreamResult]:
-        results = [StreamResult(name) for name, *_ in streams]
+        results = [StreamResult(stream.name) for stream in streams]
         stop = time.monotonic() + seconds
         started = time.monotonic()
+        pacers = [None if stream.rate is None else Pacer(stream.rate) for stream in streams]
         await asyncio.gather(
             *(
-                _connection(host, port, source, result, stop)
-                for (_, _, conns, _), source, result in zip(streams, sources, results, strict=True)
-                for _ in range(conns)
+                _connection(host, port, source, result, stop, pacer)
+                for stream, source, result, pacer in zip(streams, sources, results, pacers, strict=True)
+                for _ in range(stream.connections)
             )
         )
         for source, result in zip(sources, results, strict=True):
@@ -370,7 +413,7 @@ class Bench:
 
     async def run(
         self,
-        streams: list[tuple[str, RequestSpec, int, int]],
+        streams: list[Stream],
         seconds: float,
         *,
         host: str = "127.0.0.1",
@@ -456,12 +499,13 @@ async def scenario(
     writes: bool,
     presign: int = 0,
     events_per_success: int = 1,
+    rate: float | None = None,
 ) -> StreamResult:
     assert bench.server is not None
     pid = bench.server.pid
     events0 = audit_size(bench.db)
     stats0, cpu0, threads0 = process_stats(pid), cpu_seconds(pid), thread_cpu_seconds(pid)
-    (result,) = await bench.run([(name, spec, concurrency, presign)], seconds)
+    (result,) = await bench.run([Stream(name, spec, concurrency, presign, rate)], seconds)
     cpu1, stats1, threads1 = cpu_seconds(pid), process_stats(pid), thread_cpu_seconds(pid)
     print(report(result, cpu1 - cpu0, (stats0, stats1)), flush=True)
     if result.answered:
@@ -553,7 +597,7 @@ async def run(args: argparse.Namespace, work: Path) -> None:
         wait_http(f"http://127.0.0.1:{ceiling_port}/", ceiling_proc)
         print(HEADER)
         (ceiling,) = await bench.run(
-            [("bare aiohttp (ceiling)", RequestSpec("GET", f"http://127.0.0.1:{ceiling_port}/"), conc, 0)],
+            [Stream("bare aiohttp (ceiling)", RequestSpec("GET", f"http://127.0.0.1:{ceiling_port}/"), conc)],
             seconds,
             port=ceiling_port,
         )
@@ -574,18 +618,35 @@ async def run(args: argparse.Namespace, work: Path) -> None:
             ("counted", "GET /l/T/files/0 counted (+session)", counted_file, True),
             ("query", "GET /v1/audit/events (signed, +event)", query, True),
         ]
-        for key, name, spec, writes in plan:
-            if chosen is None or key in chosen:
-                await scenario(
-                    bench,
-                    name,
-                    spec,
-                    seconds=seconds,
-                    concurrency=conc,
-                    writes=writes,
-                    presign=presign,
-                    events_per_success=2 if key == "counted" else 1,
+        closed: list[tuple[str, str, RequestSpec, bool, float | None]] = [
+            (key, name, spec, writes, None) for key, name, spec, writes in plan
+        ]
+        paced: list[tuple[str, str, RequestSpec, bool, float | None]] = [
+            (key, f"{name.split(' (')[0]} at {args.rates[key]:.0f}/s", spec, writes, args.rates[key])
+            for key, name, spec, writes in plan
+            if key in args.rates
+        ]
+        open_loop_shown = False
+        for key, name, spec, writes, rate in closed + paced:
+            if chosen is not None and key not in chosen:
+                continue
+            if rate is not None and not open_loop_shown:
+                open_loop_shown = True
+                print(
+                    f"\nopen loop: sent at a fixed rate over {conc} connections, latency from each send time"
                 )
+                print(HEADER)
+            await scenario(
+                bench,
+                name,
+                spec,
+                seconds=seconds,
+                concurrency=conc,
+                writes=writes,
+                presign=presign,
+                events_per_success=2 if key == "counted" else 1,
+                rate=rate,
+            )
         print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     finally:
         bench.pool.shutdown(cancel_futures=True)
@@ -605,7 +666,7 @@ async def soak(bench: Bench, seconds: float, conc: int, specs: list[RequestSpec]
     pid = bench.server.pid
     names = ["POST /v1/links (soak)", "GET /l/T/files/0?session= (soak)", "GET /v1/audit/events (soak)"]
     share = [max(1, conc // 4), max(1, conc // 2), max(1, conc // 4)]
-    streams = [(n, s, c, presign) for n, s, c in zip(names, specs, share, strict=True)]
+    streams = [Stream(n, s, c, presign) for n, s, c in zip(names, specs, share, strict=True)]
     events0, cpu0 = audit_size(bench.db), cpu_seconds(pid)
     samples = [(0.0, *process_stats(pid))]
     started = time.monotonic()
@@ -641,10 +702,16 @@ def main() -> None:
     parser.add_argument(
         "--only",
         default=None,
-        help="scenarios, comma-separated: healthz,whoami,invite,issue,redeem,counted,query",
+        help=f"scenarios, comma-separated: {','.join(SCENARIOS)}",
     )
     parser.add_argument(
         "--presign", type=int, default=20000, help="signed requests prepared per scenario (default 20000)"
+    )
+    parser.add_argument(
+        "--rates",
+        default="issue=300,redeem=1000",
+        help="open-loop runs at these request rates, e.g. issue=300,redeem=1000 (the issue's targets;"
+        " empty for none)",
     )
     parser.add_argument(
         "--profile", default=None, help="write a cProfile of the server (limits raised) to this file"
@@ -652,6 +719,18 @@ def main() -> None:
     args = parser.parse_args()
     args.duration = float(parse_duration(args.duration))
     args.soak = float(parse_duration(args.soak)) if args.soak else None
+    try:
+        args.rates = {
+            key.strip(): float(value)
+            for key, _, value in (p.partition("=") for p in args.rates.split(",") if p)
+        }
+    except ValueError:
+        parser.error("--rates takes scenario=requests-per-second pairs, e.g. issue=300,redeem=1000")
+    if any(rate <= 0 for rate in args.rates.values()):
+        parser.error("--rates must be positive")
+    named = set(args.rates) | (set(args.only.split(",")) if args.only else set())
+    if unknown := named - set(SCENARIOS):
+        parser.error(f"no such scenario: {', '.join(sorted(unknown))} (there are {','.join(SCENARIOS)})")
     with tempfile.TemporaryDirectory(prefix="exchange-bench-api-") as tmp:
         asyncio.run(run(args, Path(tmp)))
 

@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import resource
 import shutil
 import signal
@@ -26,24 +25,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "KIB": 1024,
-    "MIB": 1024**2,
-    "GIB": 1024**3,
-    "TIB": 1024**4,
-    "KB": 1000,
-    "MB": 1000**2,
-    "GB": 1000**3,
-}
-
 
 def parse_size(text: str) -> int:
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
-    if not match or match.group(2).upper() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512MiB, 1GiB, 4GiB)")
-    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    from exchange.sizes import parse_size as parse
+
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def peak_rss_mib() -> float:
@@ -87,6 +76,10 @@ def child(args: list[str]) -> None:
         )
         if mode == "boto3-upload":
             s3.upload_file(config["file"], config["bucket"], "bench/plain")
+        elif mode == "boto3-upload-sha256":
+            # The integrity binding exchange's part URLs carry: storage checks each part's SHA-256.
+            extra = {"ChecksumAlgorithm": "SHA256"}
+            s3.upload_file(config["file"], config["bucket"], "bench/plain-sha256", ExtraArgs=extra)
         else:
             s3.download_file(config["bucket"], "bench/plain", str(Path(config["out"]) / "plain"))
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -236,6 +229,12 @@ def main() -> None:
         default=1,
         help="measure every transfer this many times, interleaved (default 1)",
     )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="exchange's parallel transfers (default: the client's own)",
+    )
     args = parser.parse_args()
     # SIGTERM ends the run like Ctrl-C does: through the finally below, which stops SeaweedFS.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -252,13 +251,20 @@ def main() -> None:
             "secret": service.credentials.secret_access_key,
             "bucket": "exchange",
         }
-        ours = {"server": service.settings.effective_public_url, "identity": str(identity)}
+        ours = {
+            "server": service.settings.effective_public_url,
+            "identity": str(identity),
+            "concurrency": args.concurrency,
+        }
         weed = service.store.pid
-        ratios: dict[str, list[float]] = {"upload": [], "download": []}
+        ratios: dict[str, list[float]] = {"upload": [], "upload vs SHA-256": [], "download": []}
         print(f"file: {args.size} bytes ({args.size / 1024**3:.2f} GiB), cores: {os.cpu_count()}")
         for n in range(args.rounds):
             results: dict[str, dict[str, Any]] = {}
             results["boto3 upload"] = run_child("boto3-upload", common | {"file": str(source)}, weed)
+            results["boto3 upload SHA-256"] = run_child(
+                "boto3-upload-sha256", common | {"file": str(source)}, weed
+            )
             up = run_child("exchange-upload", ours | {"file": str(source)}, weed)
             results["exchange upload"] = up
             out_plain, out_ours = work / f"out-plain-{n}", work / f"out-ours-{n}"
@@ -288,6 +294,9 @@ def main() -> None:
                 ratio = results[f"boto3 {what}"]["seconds"] / results[f"exchange {what}"]["seconds"]
                 ratios[what].append(ratio)
                 print(f"{what}: exchange (encrypted, verified) / plain boto3 = {ratio:.2f}x")
+            ratio = results["boto3 upload SHA-256"]["seconds"] / results["exchange upload"]["seconds"]
+            ratios["upload vs SHA-256"].append(ratio)
+            print(f"upload: exchange / boto3 with SHA-256 part checksums = {ratio:.2f}x")
         if args.rounds > 1:
             for what, values in ratios.items():
                 shown = ", ".join(f"{v:.2f}" for v in values)

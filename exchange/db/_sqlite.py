@@ -4,6 +4,15 @@ SQLite allows one writer at a time; rather than let connections fight over the l
 retry on SQLITE_BUSY), writes queue on an asyncio lock in front of a single writer connection.
 Readers use their own connections and, in WAL mode, never wait for the writer.
 
+Statements run on the event loop. Against the page cache a statement takes microseconds, less
+than handing it to a thread and back (and a handed-over statement holds the single writer for
+the whole round trip: a redemption's eight statements were most of its latency). What can wait
+goes to one database thread: `BEGIN IMMEDIATE` (it may wait for another process's write lock)
+and `COMMIT` (its fsync), so the loop never sleeps on a lock or the disk. Once BEGIN IMMEDIATE
+holds the write lock, no statement of the batch can wait for one: in WAL mode readers never
+block the writer, and SQLite writes the log only at COMMIT (or when a transaction outgrows the
+page cache).
+
 Group commit. A durable COMMIT costs one fsync (milliseconds on real disks), and one writer
 committing each request alone is bounded by the disk's fsync rate. So the transactions that
 queue for the writer while one COMMIT runs share the next: each runs, in turn and alone on the
@@ -22,12 +31,11 @@ import functools
 import os
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
-
-import aiosqlite
 
 from ..errors import Conflict, DatabaseUnavailable
 from ._base import Connection, Database, Row
@@ -43,13 +51,13 @@ def _sql(sql: str) -> str:
     return _PARAM.sub(r"?\1", sql)
 
 
-async def _guard(call: Awaitable[T]) -> T:
+def _guard(call: Callable[[], T]) -> T:
     try:
-        return await call
+        return call()
     except sqlite3.IntegrityError as exc:
         raise Conflict("the change conflicts with an existing record") from exc
-    except (sqlite3.Error, OSError, ValueError) as exc:
-        # ValueError: aiosqlite on a closed connection.
+    except (sqlite3.Error, OSError) as exc:
+        # sqlite3.ProgrammingError (a closed connection) is an sqlite3.Error too.
         raise DatabaseUnavailable(_describe(exc)) from exc
 
 
@@ -66,39 +74,36 @@ def _describe(exc: BaseException) -> str:
 
 
 class _SQLiteConnection(Connection):
-    """Each call is one trip to the database thread (aiosqlite has no public call for running a
-    function there; `_execute` does): a trip costs tens of microseconds of thread hand-over, and
-    a redemption makes a dozen. `opening` (a transaction's SAVEPOINT) rides along with the first
-    statement, so a transaction that writes nothing never opens one."""
+    """Statements on the event loop (see the module's docstring). `opening` (a transaction's
+    SAVEPOINT) runs just before the first statement, so a transaction that writes nothing never
+    opens one."""
 
-    def __init__(self, conn: aiosqlite.Connection, opening: str | None = None) -> None:
+    def __init__(self, conn: sqlite3.Connection, opening: str | None = None) -> None:
         self._conn = conn
         self._opening = opening
         self.opened = False
 
-    async def _run(self, mode: str, sql: str, args: tuple[Any, ...]) -> Any:
+    def _run(self, mode: str, sql: str, args: tuple[Any, ...]) -> Any:
         opening, self._opening = self._opening, None
         self.opened = self.opened or opening is not None
-
-        async def call() -> Any:  # `_conn` raises ValueError once closed: inside the guard
-            return await self._conn._execute(_run, self._conn._conn, opening, _sql(sql), args, mode)  # type: ignore[no-untyped-call]
-
-        return await _guard(call())
+        return _guard(lambda: _statement(self._conn, opening, _sql(sql), args, mode))
 
     async def execute(self, sql: str, *args: Any) -> int:
-        return int(await self._run("rowcount", sql, args))
+        return int(self._run("rowcount", sql, args))
 
     async def fetchone(self, sql: str, *args: Any) -> Row | None:
-        row = await self._run("one", sql, args)
+        row = self._run("one", sql, args)
         return None if row is None else dict(row)
 
     async def fetchall(self, sql: str, *args: Any) -> list[Row]:
-        return [dict(r) for r in await self._run("all", sql, args)]
+        return [dict(r) for r in self._run("all", sql, args)]
 
 
-def _run(conn: sqlite3.Connection, opening: str | None, sql: str, args: tuple[Any, ...], mode: str) -> Any:
-    """On the database thread: one statement (after `opening`, if any), its rows or rowcount,
-    and the cursor closed so that a statement with RETURNING finishes before the next one."""
+def _statement(
+    conn: sqlite3.Connection, opening: str | None, sql: str, args: tuple[Any, ...], mode: str
+) -> Any:
+    """One statement (after `opening`, if any), its rows or rowcount, and the cursor closed so
+    that a statement with RETURNING finishes before the next one."""
     if opening is not None:
         conn.execute(opening)
     cursor = conn.execute(sql, args)
@@ -153,11 +158,13 @@ class _Batch:
 class SQLiteDatabase(Database):
     dialect = "sqlite"
 
-    def __init__(self, writer: aiosqlite.Connection, readers: list[aiosqlite.Connection]) -> None:
+    def __init__(self, writer: sqlite3.Connection, readers: list[sqlite3.Connection]) -> None:
         self._writer = writer
         self._write_lock = asyncio.Lock()
         self._batch: _Batch | None = None
-        self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
+        # One thread for what may wait (BEGIN IMMEDIATE, COMMIT): the writer's, in order.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exchange-sqlite")
+        self._readers: asyncio.Queue[sqlite3.Connection] = asyncio.Queue()
         self._all = [writer, *readers]
         for r in readers:
             self._readers.put_nowait(r)
@@ -171,35 +178,57 @@ class SQLiteDatabase(Database):
             if not os.access(folder, os.W_OK):
                 raise DatabaseUnavailable(f"the database folder {folder} is read-only")
 
-        async def one(setup: Callable[[aiosqlite.Connection], Awaitable[None]]) -> aiosqlite.Connection:
-            conn = await _guard(aiosqlite.connect(path, isolation_level=None))
-            conn.row_factory = sqlite3.Row
-            await setup(conn)
+        def one(pragmas: tuple[str, ...]) -> sqlite3.Connection:
+            # Used from the loop and from the database thread, never from both at once (the
+            # write lock): hence check_same_thread=False.
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            try:
+                conn.row_factory = sqlite3.Row
+                for pragma in pragmas:
+                    conn.execute(pragma)
+            except BaseException:
+                conn.close()
+                raise
             return conn
 
-        async def writer_setup(conn: aiosqlite.Connection) -> None:
-            for pragma in (
-                "PRAGMA journal_mode=WAL",
-                "PRAGMA synchronous=FULL",
-                "PRAGMA foreign_keys=ON",
-                "PRAGMA busy_timeout=5000",
-            ):
-                await _guard(conn.execute(pragma))
+        def connect_all() -> tuple[sqlite3.Connection, list[sqlite3.Connection]]:
+            writer = one(
+                (
+                    "PRAGMA journal_mode=WAL",
+                    "PRAGMA synchronous=FULL",
+                    "PRAGMA foreign_keys=ON",
+                    "PRAGMA busy_timeout=5000",
+                )
+            )
+            try:
+                readers = [one(("PRAGMA busy_timeout=5000", "PRAGMA query_only=ON")) for _ in range(_READERS)]
+            except BaseException:
+                writer.close()
+                raise
+            return writer, readers
 
-        async def reader_setup(conn: aiosqlite.Connection) -> None:
-            await _guard(conn.execute("PRAGMA busy_timeout=5000"))
-            await _guard(conn.execute("PRAGMA query_only=ON"))
-
-        writer = await one(writer_setup)
-        readers = [await one(reader_setup) for _ in range(_READERS)]
+        # Opening may wait for another process's lock (WAL recovery): off the loop.
+        writer, readers = await asyncio.to_thread(_guard, connect_all)
         return cls(writer, readers)
+
+    async def _in_thread(self, fn: Callable[[], T]) -> T:
+        """`fn` on the database thread. Not abandoned if the caller is cancelled: the caller
+        holds the write lock, and must not let it go while the writer is still in use."""
+        future = asyncio.get_running_loop().run_in_executor(self._thread, _guard, fn)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            while not future.done():
+                with suppress(asyncio.CancelledError):
+                    await asyncio.wait([future])
+            raise
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Connection]:
         async with self._write_lock:
             batch = await self._join()
             # A savepoint of its own, named uniquely: ROLLBACK TO can never reach an earlier
-            # member's. Savepoints are not released (the COMMIT releases them all): one trip less.
+            # member's. Savepoints are not released (the COMMIT releases them all).
             savepoint = batch.next_savepoint()
             conn = _SQLiteConnection(self._writer, opening=f"SAVEPOINT {savepoint}")
             try:
@@ -230,7 +259,14 @@ class SQLiteDatabase(Database):
     async def _join(self) -> _Batch:
         """The open batch, or a new one (`BEGIN IMMEDIATE`)."""
         if self._batch is None:
-            await _guard(self._writer.execute("BEGIN IMMEDIATE"))
+            try:
+                if not self._writer.in_transaction:
+                    await self._in_thread(lambda: self._writer.execute("BEGIN IMMEDIATE"))
+            except asyncio.CancelledError:
+                if self._writer.in_transaction:  # begun all the same: the batch must end
+                    self._batch = _Batch()
+                    self._batch.schedule_commit(self)
+                raise
             self._batch = _Batch()
         return self._batch
 
@@ -240,20 +276,20 @@ class SQLiteDatabase(Database):
         if self._writer.in_transaction:
             try:
                 if savepoint is not None:
-                    await _guard(self._writer.execute(f"ROLLBACK TO {savepoint}"))
+                    _guard(lambda: self._writer.execute(f"ROLLBACK TO {savepoint}"))
                 batch.schedule_commit(self)
                 return
             except DatabaseUnavailable as exc:
-                await self._abort(batch, exc)
+                self._abort(batch, exc)
                 return
-        await self._abort(batch, DatabaseUnavailable("the database rolled the transaction back"))
+        self._abort(batch, DatabaseUnavailable("the database rolled the transaction back"))
 
-    async def _abort(self, batch: _Batch, exc: BaseException) -> None:
+    def _abort(self, batch: _Batch, exc: BaseException) -> None:
         if self._batch is batch:
             self._batch = None
         if self._writer.in_transaction:
             with suppress(DatabaseUnavailable):
-                await _guard(self._writer.execute("ROLLBACK"))
+                _guard(lambda: self._writer.execute("ROLLBACK"))
         batch.fail(exc)
 
     async def _commit(self, batch: _Batch) -> None:
@@ -262,10 +298,10 @@ class SQLiteDatabase(Database):
                 return  # committed or aborted already
             self._batch = None
             try:
-                await _guard(self._writer.execute("COMMIT"))
+                await self._in_thread(lambda: self._writer.execute("COMMIT"))
             except BaseException as exc:
                 # A failed COMMIT (disk full, read-only file) can leave the transaction open.
-                await self._abort(batch, exc)
+                self._abort(batch, exc)
                 return
             batch.done()
 
@@ -273,23 +309,16 @@ class SQLiteDatabase(Database):
     async def read(self) -> AsyncIterator[Connection]:
         conn = await self._readers.get()
         try:
-            await _guard(conn.execute("BEGIN"))
+            _guard(lambda: conn.execute("BEGIN"))
             try:
                 yield _SQLiteConnection(conn)
             finally:
-                await _guard(conn.execute("COMMIT"))
+                _guard(lambda: conn.execute("COMMIT"))
         finally:
             self._readers.put_nowait(conn)
 
-    # A lone read is a consistent snapshot by itself: no BEGIN and COMMIT around it.
-    @asynccontextmanager
-    async def _reader(self) -> AsyncIterator[_SQLiteConnection]:
-        conn = await self._readers.get()
-        try:
-            yield _SQLiteConnection(conn)
-        finally:
-            self._readers.put_nowait(conn)
-
+    # A lone read is a consistent snapshot by itself: no BEGIN and COMMIT around it, and no
+    # connection borrowed for longer than the statement.
     async def fetchone(self, sql: str, *args: Any) -> Row | None:
         async with self._reader() as conn:
             return await conn.fetchone(sql, *args)
@@ -302,9 +331,19 @@ class SQLiteDatabase(Database):
         async with self._reader() as conn:
             return await conn.fetchval(sql, *args)
 
+    @asynccontextmanager
+    async def _reader(self) -> AsyncIterator[_SQLiteConnection]:
+        conn = await self._readers.get()
+        try:
+            yield _SQLiteConnection(conn)
+        finally:
+            self._readers.put_nowait(conn)
+
     async def close(self) -> None:
         if self._batch is not None:
             await self._commit(self._batch)
-        for conn in self._all:
-            with suppress(sqlite3.Error, ValueError):
-                await conn.close()
+        async with self._write_lock:  # not under a COMMIT still running on the thread
+            for conn in self._all:
+                with suppress(sqlite3.Error):
+                    conn.close()
+        self._thread.shutdown(wait=True)

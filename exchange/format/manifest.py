@@ -231,21 +231,27 @@ def _check_part_size(part_size: int) -> None:
 
 def part_ranges(plaintext_size: int, part_size: int) -> list[PartRange]:
     """Every part of the payload of `plaintext_size` bytes, in order."""
+    return [
+        part_range(plaintext_size, part_size, number)
+        for number in range(1, part_count(plaintext_size, part_size) + 1)
+    ]
+
+
+def part_range(plaintext_size: int, part_size: int, number: int) -> PartRange:
+    """Part `number` (1-based) of the payload of `plaintext_size` bytes, without the others."""
     _check_part_size(part_size)
     per_part = part_size // ENCRYPTED_CHUNK_SIZE
     total_chunks = chunk_count(plaintext_size)
-    total = ciphertext_size(plaintext_size)
-    ranges = []
-    for index in range(-(-total_chunks // per_part)):
-        first = index * per_part
-        chunks = min(per_part, total_chunks - first)
-        final = first + chunks == total_chunks
-        start = 0 if index == 0 else NONCE_SIZE + first * ENCRYPTED_CHUNK_SIZE
-        end = total if final else NONCE_SIZE + (first + chunks) * ENCRYPTED_CHUNK_SIZE
-        plain_start = first * CHUNK_SIZE
-        plain_end = plaintext_size if final else (first + chunks) * CHUNK_SIZE
-        ranges.append(PartRange(index + 1, start, end, first, chunks, final, plain_start, plain_end))
-    return ranges
+    if not 1 <= number <= -(-total_chunks // per_part):
+        raise ValueError(f"the payload has no part {number}")
+    first = (number - 1) * per_part
+    chunks = min(per_part, total_chunks - first)
+    final = first + chunks == total_chunks
+    start = 0 if number == 1 else NONCE_SIZE + first * ENCRYPTED_CHUNK_SIZE
+    end = ciphertext_size(plaintext_size) if final else NONCE_SIZE + (first + chunks) * ENCRYPTED_CHUNK_SIZE
+    plain_start = first * CHUNK_SIZE
+    plain_end = plaintext_size if final else (first + chunks) * CHUNK_SIZE
+    return PartRange(number, start, end, first, chunks, final, plain_start, plain_end)
 
 
 def ciphertext_digest(part_digests: Sequence[bytes]) -> bytes:

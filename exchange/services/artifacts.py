@@ -52,6 +52,8 @@ from ..format.manifest import (
     check_paths,
     choose_part_size,
     ciphertext_digest,
+    part_count,
+    part_range,
     part_ranges,
 )
 from ..storage import Part, PresignedRequest, Storage, new_object_key
@@ -399,6 +401,28 @@ async def _digests(conn: Connection, artifact_id: str) -> dict[int, dict[int, by
     return out
 
 
+async def _recorded(
+    conn: Connection, artifact_id: str, parts: Sequence[tuple[int, int]]
+) -> dict[tuple[int, int], bytes]:
+    """The recorded digests of just these (file, part number) pairs: a batch of part URLs costs
+    its own size, not the artifact's."""
+    by_file: dict[int, list[int]] = {}
+    for file_idx, number in parts:
+        by_file.setdefault(file_idx, []).append(number)
+    out: dict[tuple[int, int], bytes] = {}
+    for file_idx, numbers in by_file.items():
+        in_list = ", ".join(f"${n}" for n in range(3, len(numbers) + 3))
+        sql = f"SELECT number, sha256 FROM artifact_parts WHERE artifact_id = $1 AND file_idx = $2 AND number IN ({in_list})"  # noqa: S608, E501 - placeholders only
+        rows = await conn.fetchall(
+            sql,
+            artifact_id,
+            file_idx,
+            *numbers,
+        )
+        out.update({(file_idx, int(r["number"])): bytes(r["sha256"]) for r in rows})
+    return out
+
+
 async def get(
     db: Database, principal: Principal, artifact_id: str, *, now_ms: int | None = None
 ) -> tuple[Artifact, list[ArtifactFile]]:
@@ -633,7 +657,7 @@ async def create(
                 path,
                 f.size,
                 age.ciphertext_size(f.size),
-                len(part_ranges(f.size, part_size)),
+                part_count(f.size, part_size),
                 f.nonce,
                 new_object_key("artifacts"),
             )
@@ -715,7 +739,11 @@ async def issue_part_urls(
         artifact = await _visible(conn, principal, artifact_id)
         require_uploader(principal, artifact)
         files = {f.idx: f for f in await _files(conn, artifact_id)}
-        recorded = await _digests(conn, artifact_id)
+        recorded = await _recorded(
+            conn,
+            artifact_id,
+            [(f, n) for f, n, _ in requests if f in files and 1 <= n <= files[f].part_count],
+        )
         sizes: dict[tuple[int, int], int] = {}
         new: list[tuple[int, int, int, bytes]] = []
         for file_idx, number, digest in requests:
@@ -724,9 +752,9 @@ async def issue_part_urls(
                 raise ValidationError(f"the artifact has no file {file_idx}")
             if not 1 <= number <= f.part_count:
                 raise ValidationError(f"{f.path!r} has parts 1 to {f.part_count}, not {number}")
-            size = part_ranges(f.plaintext_size, artifact.part_size)[number - 1].size
+            size = part_range(f.plaintext_size, artifact.part_size, number).size
             sizes[(file_idx, number)] = size
-            known = recorded.get(file_idx, {}).get(number)
+            known = recorded.get((file_idx, number))
             if known is None:
                 new.append((file_idx, number, size, digest))
             elif known != digest:

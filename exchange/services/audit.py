@@ -30,6 +30,7 @@ O(log n) reads. Signing checkpoints and serving proofs is `services.auditlog`.
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 import uuid
@@ -61,6 +62,7 @@ EVENT_TYPE = "exchange.audit.event/v1"
 MAX_LEAF_BYTES = 64 * 1024
 #: Attacker-chosen strings (user agents, claimed key ids) are cut to this many characters.
 _MAX_FREE_TEXT = 512
+#: The index an event holds until it takes its own (the largest a JSON number keeps exactly).
 _MAX_IDX = 2**53 - 1
 
 Outcome = Literal["allowed", "denied", "error"]
@@ -203,9 +205,6 @@ class AuditLog:
             event["resource"] = _clean(entry.resource, "resource")
         if entry.details:
             event["details"] = _clean(entry.details)
-        # Check the size with the widest index before taking one: a refused event takes no index.
-        if len(canonical_json(event)) > MAX_LEAF_BYTES:
-            raise ValueError(f"audit event {entry.action} is over {MAX_LEAF_BYTES} bytes")
         return event
 
     async def append_many(self, conn: Connection, ctx: Context, entries: Sequence[Entry]) -> list[int]:
@@ -226,6 +225,10 @@ class AuditLog:
         for idx, (entry, event) in enumerate(zip(entries, events, strict=True), start=first):
             event["idx"] = idx
             leaf = canonical_json(event)
+            if len(leaf) > MAX_LEAF_BYTES:
+                # Give the indices back: a refused event takes none, even if the caller goes on.
+                await conn.execute("UPDATE audit_head SET size = size - $1 WHERE id = 1", len(events))
+                raise ValueError(f"audit event {entry.action} is over {MAX_LEAF_BYTES} bytes")
             leaf_hashes.append(merkle.leaf_hash(leaf))
             actor = entry.actor or ctx.actor
             res = event.get("resource", {})
@@ -257,13 +260,16 @@ async def _insert(conn: Connection, table: str, columns: str, rows: Sequence[tup
     per_statement = _MAX_PARAMS // width
     for start in range(0, len(rows), per_statement):
         chunk = rows[start : start + per_statement]
-        values = ", ".join(
-            "(" + ", ".join(f"${r * width + c + 1}" for c in range(width)) + ")" for r in range(len(chunk))
-        )
-        await conn.execute(
-            f"INSERT INTO {table} ({columns}) VALUES {values}",  # noqa: S608 - fixed names, placeholders only
-            *[v for row in chunk for v in row],
-        )
+        await conn.execute(_insert_sql(table, columns, width, len(chunk)), *[v for row in chunk for v in row])
+
+
+@functools.lru_cache(maxsize=256)
+def _insert_sql(table: str, columns: str, width: int, count: int) -> str:
+    """`INSERT … VALUES ($1, …), (…)` for `count` rows: the same few shapes on every request."""
+    values = ", ".join(
+        "(" + ", ".join(f"${r * width + c + 1}" for c in range(width)) + ")" for r in range(count)
+    )
+    return f"INSERT INTO {table} ({columns}) VALUES {values}"  # noqa: S608 - fixed names, placeholders only
 
 
 async def read_nodes(conn: Connection, nodes: Sequence[merkle.NodeId]) -> dict[merkle.NodeId, bytes]:

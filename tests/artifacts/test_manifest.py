@@ -19,6 +19,8 @@ from exchange.format.manifest import (
     check_paths,
     choose_part_size,
     ciphertext_digest,
+    part_count,
+    part_range,
     part_ranges,
 )
 
@@ -44,6 +46,16 @@ def test_parts_tile_the_payload_on_chunk_boundaries(size: int) -> None:
     if len(ranges) > 1:
         assert ranges[0].size == part_size + age.NONCE_SIZE
     assert sum(r.chunks for r in ranges) == age.chunk_count(size)
+
+
+@pytest.mark.parametrize("size", [0, 65_536, 80 * 65_536, 80 * 65_536 + 1, 500 * 65_536 + 7])
+def test_one_part_is_computed_alone_and_a_missing_one_is_refused(size: int) -> None:
+    part_size = 80 * E
+    count = part_count(size, part_size)
+    assert [part_range(size, part_size, n) for n in range(1, count + 1)] == part_ranges(size, part_size)
+    for number in (0, -1, count + 1):
+        with pytest.raises(ValueError, match="no part"):
+            part_range(size, part_size, number)
 
 
 def test_each_part_encrypts_alone_to_the_same_bytes_as_the_whole_stream() -> None:

@@ -230,3 +230,38 @@ async def test_a_failed_commit_fails_every_transaction_it_held(tmp_path: Path) -
         assert await db.fetchval("SELECT COUNT(*) FROM orgs") == 1
     finally:
         await db.close()
+
+
+async def test_sqlite_waits_for_another_writer_without_blocking_the_loop(tmp_path: Path) -> None:
+    """SQLite statements run on the event loop, but BEGIN IMMEDIATE, which waits for another
+    process's write lock, does not: the loop goes on meanwhile. A caller cancelled while it waits
+    leaves no transaction open behind it, and the next write goes through."""
+    import sqlite3
+
+    path = tmp_path / "exchange.db"
+    db = await connect(f"sqlite:///{path}")
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        await migrate(db)
+        other.execute("BEGIN IMMEDIATE")  # another process holding the write lock
+        insert = "INSERT INTO orgs (id, name, created_at_ms) VALUES ($1, $2, $3)"
+        waiting = asyncio.ensure_future(db.execute(insert, "o1", "first", NOW))
+        ticks = 0
+        for _ in range(20):  # the loop runs while the write waits for the lock
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert ticks == 20 and not waiting.done()
+        waiting.cancel()
+        # The lock comes free while the cancelled write's BEGIN still waits for it on the thread.
+        asyncio.get_running_loop().call_later(0.1, other.execute, "ROLLBACK")
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await db.execute(insert, "o2", "second", NOW)
+        assert [r["name"] for r in await db.fetchall("SELECT name FROM orgs")] == ["second"]
+        # Nothing left holding the lock: another connection can write at once.
+        other.execute("PRAGMA busy_timeout=1000")
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+        await db.close()
