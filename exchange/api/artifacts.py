@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from ..errors import DependencyError, ValidationError
-from ..format.manifest import KINDS, MANIFEST_TYPE, check_path
+from ..format.manifest import KINDS, MANIFEST_TYPE, MAX_PARTS, check_path
 from ..services import artifacts as svc
 from ..services import findings, uploadlinks
 from ..settings import Settings
@@ -507,7 +507,11 @@ def schemas(settings: Settings) -> dict[str, Schema]:
                     "minItems": 1,
                     "maxItems": settings.upload_part_urls_max,
                     "items": obj(
-                        {"file": count, "number": {"type": "integer", "minimum": 1}, "sha256": b64_32},
+                        {
+                            "file": count | {"maximum": settings.artifact_max_files - 1},
+                            "number": {"type": "integer", "minimum": 1, "maximum": MAX_PARTS},
+                            "sha256": b64_32,
+                        },
                         ["file", "number", "sha256"],
                     ),
                 }

@@ -11,7 +11,7 @@ import click
 from ..client import findings as api
 from ..errors import LocalFileError, ValidationError
 from ..format.finding import CATEGORIES, SEVERITIES, STATUSES
-from ._base import Options, fail, main, output, pass_opts, when, with_client
+from ._base import Options, fail, main, output, pass_opts, printable, when, with_client
 
 
 @main.group()
@@ -100,16 +100,11 @@ def finding_ls(opts: Options, artifact_id: str | None, status: str | None, sever
         lambda: click.echo(
             "\n".join(
                 f"{f['id']}\t{f['status']}\t{f['severity']}\t{f['artifact']}\t{f['reporter']}"
-                f"\t{when(f['updated_at_ms'])}\t{_safe(f['title'])}"
+                f"\t{when(f['updated_at_ms'])}\t{printable(f['title'])}"
                 for f in items
             )
         ),
     )
-
-
-def _safe(text: str) -> str:
-    """Text from another organisation, shown on a terminal: control characters made visible."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 @finding.command("show")
@@ -129,20 +124,22 @@ def finding_show(opts: Options, finding_id: str) -> None:
 
 
 def _print(f: dict[str, Any]) -> None:
-    click.echo(f"{f['id']}  {_safe(f['title'])}")
-    click.echo(f"severity:   {f['severity']}    category: {_safe(f['category'])}    status: {f['status']}")
-    click.echo(f"artifact:   {f['artifact']} ({_safe(f['artifact_name'])}) of {f['org']}")
+    click.echo(f"{f['id']}  {printable(f['title'])}")
+    click.echo(
+        f"severity:   {f['severity']}    category: {printable(f['category'])}    status: {f['status']}"
+    )
+    click.echo(f"artifact:   {f['artifact']} ({printable(f['artifact_name'])}) of {f['org']}")
     click.echo(f"reporter:   {f['reporter']} of {f['reporter_org']}, {when(f['created_at_ms'])}")
     click.echo(f"attachments: {f['attachments'] or 'none'}")
     click.echo("")
     for m in f["moves"]:
-        note = "" if m["note"] is None else f": {_safe(m['note'])}"
+        note = "" if m["note"] is None else f": {printable(m['note'])}"
         click.echo(f"  {when(m['at_ms'])}  {m['from'] or '-'} -> {m['to']}  by {m['by']}{note}")
     click.echo("")
     if f["body_text"] is None:
         click.echo("(you hold no key to this finding: its body and notes are not shown)")
     else:
-        click.echo("\n".join(_safe(line) for line in f["body_text"].splitlines()))
+        click.echo("\n".join(printable(line) for line in f["body_text"].splitlines()))
 
 
 @finding.command("status")

@@ -31,7 +31,13 @@ from ..errors import (
 from ..identity import Identity
 from .signing import sign_headers
 
-__all__ = ["Client", "ServiceUnreachable"]
+
+def segment(value: str) -> str:
+    """`value` as one URL path segment: every reserved character percent-encoded, `/` too."""
+    return quote(value, safe="")
+
+
+__all__ = ["Client", "ServiceUnreachable", "segment"]
 
 
 class ServiceUnreachable(DependencyError):
@@ -180,7 +186,7 @@ class Client:
                 return items
 
     async def get_principal(self, name: str) -> dict[str, Any]:
-        return await self.request("GET", f"/v1/principals/{quote(name, safe='')}")  # type: ignore[no-any-return]
+        return await self.request("GET", f"/v1/principals/{segment(name)}")  # type: ignore[no-any-return]
 
     async def health(self) -> dict[str, Any]:
         return await self.request("GET", "/readyz", signed=False)  # type: ignore[no-any-return]

@@ -8,9 +8,8 @@ from __future__ import annotations
 import base64
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import quote
 
-from . import Client
+from . import Client, segment
 
 __all__ = [
     "abort",
@@ -23,10 +22,6 @@ __all__ = [
     "part_urls",
     "upload_status",
 ]
-
-
-def _id(artifact_id: str) -> str:
-    return quote(artifact_id, safe="")
 
 
 async def create(
@@ -74,11 +69,11 @@ async def list_artifacts(client: Client, *, status: str | None = None) -> list[d
 
 
 async def get(client: Client, artifact_id: str) -> dict[str, Any]:
-    return await client.request("GET", f"/v1/artifacts/{_id(artifact_id)}")  # type: ignore[no-any-return]
+    return await client.request("GET", f"/v1/artifacts/{segment(artifact_id)}")  # type: ignore[no-any-return]
 
 
 async def abort(client: Client, artifact_id: str) -> dict[str, Any]:
-    return await client.request("DELETE", f"/v1/artifacts/{_id(artifact_id)}")  # type: ignore[no-any-return]
+    return await client.request("DELETE", f"/v1/artifacts/{segment(artifact_id)}")  # type: ignore[no-any-return]
 
 
 async def part_urls(
@@ -91,12 +86,12 @@ async def part_urls(
         ]
     }
     return await client.request(  # type: ignore[no-any-return]
-        "POST", f"/v1/artifacts/{_id(artifact_id)}/parts", json_body=body
+        "POST", f"/v1/artifacts/{segment(artifact_id)}/parts", json_body=body
     )
 
 
 async def upload_status(client: Client, artifact_id: str) -> dict[str, Any]:
-    return await client.request("GET", f"/v1/artifacts/{_id(artifact_id)}/parts")  # type: ignore[no-any-return]
+    return await client.request("GET", f"/v1/artifacts/{segment(artifact_id)}/parts")  # type: ignore[no-any-return]
 
 
 async def complete(
@@ -104,15 +99,15 @@ async def complete(
 ) -> dict[str, Any]:
     body = {"manifest": manifest, "signature": base64.b64encode(signature).decode()}
     return await client.request(  # type: ignore[no-any-return]
-        "POST", f"/v1/artifacts/{_id(artifact_id)}/complete", json_body=body
+        "POST", f"/v1/artifacts/{segment(artifact_id)}/complete", json_body=body
     )
 
 
 async def header(client: Client, artifact_id: str) -> bytes:
     """The caller's own age header for the artifact."""
-    answer = await client.request("GET", f"/v1/artifacts/{_id(artifact_id)}/header")
+    answer = await client.request("GET", f"/v1/artifacts/{segment(artifact_id)}/header")
     return base64.b64decode(answer["header"])
 
 
 async def download_info(client: Client, artifact_id: str) -> dict[str, Any]:
-    return await client.request("GET", f"/v1/artifacts/{_id(artifact_id)}/download")  # type: ignore[no-any-return]
+    return await client.request("GET", f"/v1/artifacts/{segment(artifact_id)}/download")  # type: ignore[no-any-return]

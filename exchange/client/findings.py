@@ -24,7 +24,6 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from ..errors import (
     AgeError,
@@ -35,7 +34,7 @@ from ..errors import (
 )
 from ..format import age
 from ..format.finding import BODY_NAME
-from . import Client
+from . import Client, segment
 from . import artifacts as artifacts_api
 from ._upload import Destination
 from .transfer import download, upload
@@ -57,13 +56,9 @@ __all__ = [
 ]
 
 
-def _q(value: str) -> str:
-    return quote(value, safe="")
-
-
 async def policy_recipients(client: Client, artifact_id: str) -> dict[str, str]:
     """Whom a finding on `artifact_id` must be encrypted to besides oneself: name -> age recipient."""
-    answer = await client.request("GET", f"/v1/artifacts/{_q(artifact_id)}/finding-recipients")
+    answer = await client.request("GET", f"/v1/artifacts/{segment(artifact_id)}/finding-recipients")
     return {r["name"]: r["age_recipient"] for r in answer["recipients"]}
 
 
@@ -173,7 +168,7 @@ async def list_findings(
 
 
 async def get(client: Client, finding_id: str) -> dict[str, Any]:
-    return await client.request("GET", f"/v1/findings/{_q(finding_id)}")  # type: ignore[no-any-return]
+    return await client.request("GET", f"/v1/findings/{segment(finding_id)}")  # type: ignore[no-any-return]
 
 
 async def _file_key(client: Client, content_id: str) -> bytes | None:
@@ -226,7 +221,7 @@ async def move(client: Client, finding_id: str, to: str, *, note: str | None = N
             )
         request["note"] = base64.b64encode(encrypt_note(file_key, note)).decode("ascii")
     return await client.request(  # type: ignore[no-any-return]
-        "POST", f"/v1/findings/{_q(finding_id)}/moves", json_body=request
+        "POST", f"/v1/findings/{segment(finding_id)}/moves", json_body=request
     )
 
 
@@ -266,7 +261,9 @@ async def share(client: Client, finding_id: str, principal: str) -> dict[str, An
         header = age.wrap_file_key(key, [grantee["age_recipient"]]).to_bytes()
         headers[part] = base64.b64encode(header).decode("ascii")
     return await client.request(  # type: ignore[no-any-return]
-        "POST", f"/v1/findings/{_q(finding_id)}/share", json_body={"principal": principal, "headers": headers}
+        "POST",
+        f"/v1/findings/{segment(finding_id)}/share",
+        json_body={"principal": principal, "headers": headers},
     )
 
 

@@ -20,12 +20,12 @@ import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 from ..errors import ManifestError, ValidationError
 from ..format import age
 from ..format.receipt import receipt_message
-from . import Client
+from . import Client, segment
 from . import artifacts as artifacts_api
 from ._download import _DownloadFile, _URLRefresher, _verified_manifest
 from .transfer import DEFAULT_CONCURRENCY, Progress, download_verified
@@ -51,10 +51,6 @@ SESSION_SUFFIX = ".exchange-session"
 _LINK_PATH = re.compile(r"(.*)/l/(exl1_[A-Za-z0-9_-]{43})/?")
 
 
-def _q(value: str) -> str:
-    return quote(value, safe="")
-
-
 # -- grants (signed) ------------------------------------------------------------------------------
 
 
@@ -73,18 +69,18 @@ async def grant(
     if expires_in_s is not None:
         body["expires_in_s"] = expires_in_s
     return await client.request(  # type: ignore[no-any-return]
-        "POST", f"/v1/artifacts/{_q(artifact_id)}/grants", json_body=body
+        "POST", f"/v1/artifacts/{segment(artifact_id)}/grants", json_body=body
     )
 
 
 async def revoke(client: Client, artifact_id: str, principal: str) -> dict[str, Any]:
     return await client.request(  # type: ignore[no-any-return]
-        "DELETE", f"/v1/artifacts/{_q(artifact_id)}/grants/{_q(principal)}"
+        "DELETE", f"/v1/artifacts/{segment(artifact_id)}/grants/{segment(principal)}"
     )
 
 
 async def list_grants(client: Client, artifact_id: str) -> list[dict[str, Any]]:
-    return (await client.request("GET", f"/v1/artifacts/{_q(artifact_id)}/grants"))["items"]  # type: ignore[no-any-return]
+    return (await client.request("GET", f"/v1/artifacts/{segment(artifact_id)}/grants"))["items"]  # type: ignore[no-any-return]
 
 
 # -- links (signed) -------------------------------------------------------------------------------
@@ -115,7 +111,7 @@ async def list_links(client: Client, artifact_id: str | None = None) -> list[dic
 
 
 async def revoke_link(client: Client, link_id: str) -> dict[str, Any]:
-    return await client.request("DELETE", f"/v1/links/{_q(link_id)}")  # type: ignore[no-any-return]
+    return await client.request("DELETE", f"/v1/links/{segment(link_id)}")  # type: ignore[no-any-return]
 
 
 # -- redemption (unsigned: the token is the capability) -------------------------------------------

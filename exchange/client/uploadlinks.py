@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 from ..errors import ValidationError
-from . import Client
+from . import Client, segment
 
 __all__ = ["create", "list_upload_links", "revoke", "split_upload_link", "view"]
 
@@ -49,7 +49,7 @@ async def list_upload_links(client: Client) -> list[dict[str, Any]]:
 
 
 async def revoke(client: Client, link_id: str) -> dict[str, Any]:
-    return await client.request("DELETE", f"/v1/upload-links/{quote(link_id, safe='')}")  # type: ignore[no-any-return]
+    return await client.request("DELETE", f"/v1/upload-links/{segment(link_id)}")  # type: ignore[no-any-return]
 
 
 async def view(client: Client, token: str) -> dict[str, Any]:

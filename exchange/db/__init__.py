@@ -16,10 +16,10 @@ This package does not know about principals, links or audit events; `services/` 
 
 from __future__ import annotations
 
-from ._base import Connection, Database, Row
+from ._base import Connection, Database, Row, placeholders
 from .migrate import migrate
 
-__all__ = ["Connection", "Database", "Row", "connect", "migrate"]
+__all__ = ["Connection", "Database", "Row", "connect", "migrate", "placeholders"]
 
 
 async def connect(url: str) -> Database:

@@ -9,6 +9,11 @@ from typing import Any
 Row = dict[str, Any]
 
 
+def placeholders(first: int, count: int) -> str:
+    """`$first, $first+1, …`: `count` numbered parameters, for an `IN (…)` list of bound values."""
+    return ", ".join(f"${n}" for n in range(first, first + count))
+
+
 class Connection(abc.ABC):
     """One connection, inside a transaction (writes) or a read snapshot (reads)."""
 

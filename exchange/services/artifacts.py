@@ -30,11 +30,11 @@ import base64
 import contextlib
 import logging
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..db import Connection, Database, Row
+from ..db import Connection, Database, Row, placeholders
 from ..errors import (
     AgeError,
     Conflict,
@@ -411,7 +411,7 @@ async def _recorded(
         by_file.setdefault(file_idx, []).append(number)
     out: dict[tuple[int, int], bytes] = {}
     for file_idx, numbers in by_file.items():
-        in_list = ", ".join(f"${n}" for n in range(3, len(numbers) + 3))
+        in_list = placeholders(3, len(numbers))
         sql = f"SELECT number, sha256 FROM artifact_parts WHERE artifact_id = $1 AND file_idx = $2 AND number IN ({in_list})"  # noqa: S608, E501 - placeholders only
         rows = await conn.fetchall(
             sql,
@@ -421,6 +421,16 @@ async def _recorded(
         )
         out.update({(file_idx, int(r["number"])): bytes(r["sha256"]) for r in rows})
     return out
+
+
+async def _files_named(conn: Connection, artifact_id: str, indices: Sequence[int]) -> dict[int, ArtifactFile]:
+    """Just these files of the artifact (an artifact may have thousands), by index."""
+    rows = await conn.fetchall(
+        f"SELECT * FROM artifact_files WHERE artifact_id = $1 AND idx IN ({placeholders(2, len(indices))})",  # noqa: S608 - placeholders only
+        artifact_id,
+        *indices,
+    )
+    return {f.idx: f for f in map(ArtifactFile.from_row, rows)}
 
 
 async def get(
@@ -738,7 +748,9 @@ async def issue_part_urls(
     async with db.transaction() as conn:
         artifact = await _visible(conn, principal, artifact_id)
         require_uploader(principal, artifact)
-        files = {f.idx: f for f in await _files(conn, artifact_id)}
+        # Indices no artifact can have are left out of the query (and refused below, by name).
+        named = sorted({f for f, _, _ in requests if 0 <= f < limits.max_files})
+        files = await _files_named(conn, artifact_id, named) if named else {}
         recorded = await _recorded(
             conn,
             artifact_id,
@@ -853,6 +865,20 @@ async def _assemble(storage: Storage, artifact: Artifact, f: ArtifactFile, diges
 _completing: weakref.WeakValueDictionary[tuple[int, str], asyncio.Lock] = weakref.WeakValueDictionary()
 
 
+@contextlib.asynccontextmanager
+async def _one_completion_at_a_time(db: Database, artifact_id: str) -> AsyncIterator[None]:
+    key = (id(db), artifact_id)
+    lock = _completing.get(key)
+    if lock is None:
+        lock = _completing[key] = asyncio.Lock()
+    async with lock:  # the local `lock` keeps the entry alive while it is held
+        yield
+
+
+def _completed_meanwhile() -> Conflict:
+    return Conflict("the upload was completed or aborted meanwhile", code="artifact-not-uploading")
+
+
 async def complete(
     db: Database,
     storage: Storage,
@@ -872,80 +898,51 @@ async def complete(
     again. Across replicas they may overlap: assembly is repeatable (parts are bound to their
     digests), the final UPDATE is guarded by status, and a loser whose assembly stumbled over
     the winner's is told that the upload was completed meanwhile."""
-    key = (id(db), artifact_id)
-    lock = _completing.get(key)
-    if lock is None:
-        lock = _completing[key] = asyncio.Lock()
-    async with lock:
-        return await _complete(
-            db,
-            storage,
-            audit,
-            ctx,
-            principal,
-            artifact_id,
-            manifest_json=manifest_json,
-            signature=signature,
-            now_ms=now_ms,
-        )
-
-
-async def _complete(
-    db: Database,
-    storage: Storage,
-    audit: AuditLog,
-    ctx: Context,
-    principal: Principal,
-    artifact_id: str,
-    *,
-    manifest_json: Any,
-    signature: bytes,
-    now_ms: int,
-) -> Artifact:
-    async with db.read() as conn:
-        artifact = await _visible(conn, principal, artifact_id)
-        require_uploader(principal, artifact)
-        files = await _files(conn, artifact_id)
-        digests = await _digests(conn, artifact_id)
-    manifest = Manifest.from_json(manifest_json)
-    manifest.verify(signature, principal.signing_public_key)
-    check_manifest(manifest, artifact, principal, files, digests)
-    try:
-        for f in files:
-            await _assemble(storage, artifact, f, digests[f.idx])
-    except Conflict:
-        # Another replica's completion may have assembled (and removed the upload) meanwhile.
+    async with _one_completion_at_a_time(db, artifact_id):
         async with db.read() as conn:
-            now = await _artifact(conn, artifact_id)
-        if now is not None and now.status != "uploading":
-            raise Conflict(
-                "the upload was completed or aborted meanwhile", code="artifact-not-uploading"
-            ) from None
-        raise
-    canonical = manifest.canonical()
-    async with db.transaction() as conn:
-        done = await conn.execute(
-            "UPDATE artifacts SET status = 'complete', finished_at_ms = $1, manifest = $2,"
-            " manifest_signature = $3, manifest_sha256 = $4 WHERE id = $5 AND status = 'uploading'",
-            now_ms,
-            canonical,
-            signature,
-            manifest.digest(),
-            artifact_id,
-        )
-        if done != 1:
-            raise Conflict("the upload was completed or aborted meanwhile", code="artifact-not-uploading")
-        await conn.execute("UPDATE artifact_files SET upload_id = NULL WHERE artifact_id = $1", artifact_id)
-        await audit.append(
-            conn,
-            ctx,
-            action="artifact.complete",
-            resource={"type": "artifact", "id": artifact_id, "sha256": manifest.digest().hex()},
-            details={"files": len(files), "bytes": artifact.plaintext_bytes},
-        )
-        final = await _artifact(conn, artifact_id)
-    assert final is not None
-    return final
+            artifact = await _visible(conn, principal, artifact_id)
+            require_uploader(principal, artifact)
+            files = await _files(conn, artifact_id)
+            digests = await _digests(conn, artifact_id)
+        manifest = Manifest.from_json(manifest_json)
+        manifest.verify(signature, principal.signing_public_key)
+        check_manifest(manifest, artifact, principal, files, digests)
+        try:
+            for f in files:
+                await _assemble(storage, artifact, f, digests[f.idx])
+        except Conflict:
+            # Another replica's completion may have assembled (and removed the upload) meanwhile.
+            async with db.read() as conn:
+                now = await _artifact(conn, artifact_id)
+            if now is not None and now.status != "uploading":
+                raise _completed_meanwhile() from None
+            raise
+        canonical = manifest.canonical()
+        async with db.transaction() as conn:
+            done = await conn.execute(
+                "UPDATE artifacts SET status = 'complete', finished_at_ms = $1, manifest = $2,"
+                " manifest_signature = $3, manifest_sha256 = $4 WHERE id = $5 AND status = 'uploading'",
+                now_ms,
+                canonical,
+                signature,
+                manifest.digest(),
+                artifact_id,
+            )
+            if done != 1:
+                raise _completed_meanwhile()
+            await conn.execute(
+                "UPDATE artifact_files SET upload_id = NULL WHERE artifact_id = $1", artifact_id
+            )
+            await audit.append(
+                conn,
+                ctx,
+                action="artifact.complete",
+                resource={"type": "artifact", "id": artifact_id, "sha256": manifest.digest().hex()},
+                details={"files": len(files), "bytes": artifact.plaintext_bytes},
+            )
+            final = await _artifact(conn, artifact_id)
+        assert final is not None
+        return final
 
 
 async def _remove_from_storage(storage: Storage, files: Sequence[ArtifactFile]) -> None:

@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 import rfc8785
 
-from ..db import Connection
+from ..db import Connection, placeholders
 from ..errors import AuditLogDamaged
 from ..format import merkle
 
@@ -289,7 +289,7 @@ async def read_nodes(conn: Connection, nodes: Sequence[merkle.NodeId]) -> dict[m
             args.append(level)
             first = len(args) + 1
             args.extend(indices)
-            in_list = ", ".join(f"${n}" for n in range(first, len(args) + 1))
+            in_list = placeholders(first, len(indices))
             terms.append(f"(level = ${first - 1} AND idx IN ({in_list}))")
         rows = await conn.fetchall(
             "SELECT level, idx, hash FROM audit_tree_nodes WHERE " + " OR ".join(terms),  # noqa: S608 - placeholders only

@@ -40,7 +40,7 @@ from ..db import Connection, Database, Row
 from ..errors import Conflict, InputError, NotFound, PermissionDenied, ValidationError
 from ..format.receipt import receipt_message
 from ..storage import Storage
-from .artifacts import Artifact, ArtifactFile, _artifact, _digests, _files, _visible
+from .artifacts import Artifact, ArtifactFile, _artifact, _digests, _files, _files_named, _visible
 from .audit import AuditLog, Context
 from .grants import require_owner
 from .principals import Principal, get_principal, new_id
@@ -494,10 +494,11 @@ async def file_url(
     Without a session, this request opens (and counts) one."""
     async with db.transaction() as conn:
         record = await _check(conn, token_hash, now_ms, counting=session is None, ip=ctx.ip)
-        files = {f.idx: f for f in await _files(conn, record.artifact_id)}
-        f = files.get(index)
+        # The one file asked for: an artifact may have thousands, and this is every redirect.
+        f = (await _files_named(conn, record.artifact_id, [index])).get(index)
         if f is None:
-            raise NotFound(f"the artifact has files 0 to {len(files) - 1}, not {index}", code="no-such-file")
+            count = await conn.fetchval("SELECT file_count FROM artifacts WHERE id = $1", record.artifact_id)
+            raise NotFound(f"the artifact has files 0 to {count - 1}, not {index}", code="no-such-file")
         byte_range = check_range(range_header, f.ciphertext_size)
         if session is None:
             session = await _open(conn, audit, ctx, record, now_ms)

@@ -250,9 +250,10 @@ class HandUpload:
         )
         return status
 
-    async def complete(self) -> Any:
+    def manifest(self) -> Manifest:
+        """The manifest of what `part` sends, as the client would sign it."""
         digests = [hashlib.sha256(self.part(r.number)).digest() for r in self.ranges]
-        m = Manifest(
+        return Manifest(
             artifact=self.detail["id"],
             org=self.detail["org"],
             name="hand.bin",
@@ -271,6 +272,9 @@ class HandUpload:
                 ),
             ),
         )
+
+    async def complete(self) -> Any:
+        m = self.manifest()
         return await api.complete(
             self.client, self.detail["id"], m.to_json(), m.sign(self.identity.signing_key)
         )
@@ -307,6 +311,31 @@ async def test_a_part_cannot_change_its_digest(stack: Stack) -> None:
         assert await stack.count("artifact_parts") == before
         # Other bytes than the URL was bound to: storage itself refuses them.
         assert await hand.put(1, os.urandom(len(hand.part(1)))) >= 400
+
+
+@pytest.mark.parametrize(
+    ("file_idx", "number"),
+    [(1, 1), (9_999, 1), (10**30, 1), (0, 2), (0, 10_000), (0, 10**30)],
+    ids=["next-file", "last-possible-file", "huge-file", "next-part", "max-part", "huge-part"],
+)
+async def test_part_urls_for_parts_the_artifact_lacks_are_refused(
+    stack: Stack, file_idx: int, number: int
+) -> None:
+    """The part-URL call reads only the files and parts it names: one the artifact does not
+    have is a 400 whatever the number, and nothing is recorded."""
+    dev = await stack.principal("dana", "developer", org="lab")
+    async with stack.client(dev) as c:
+        hand = HandUpload(c, dev, os.urandom(1000))  # one file of one part
+        await hand.start()
+        before = await stack.count("artifact_parts"), await stack.count("audit_events")
+        with pytest.raises(ValidationError):
+            await api.part_urls(
+                c, hand.detail["id"], [(0, 1, b"\x02" * 32), (file_idx, number, b"\x01" * 32)]
+            )
+        assert (await stack.count("artifact_parts"), await stack.count("audit_events")) == (
+            before[0],
+            before[1] + 1,  # the refusal's own event
+        )
 
 
 async def test_missing_and_wrongly_sized_parts_are_refused_at_completion(stack: Stack) -> None:

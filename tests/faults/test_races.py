@@ -136,26 +136,7 @@ async def test_no_link_is_issued_after_its_grant_is_revoked(stack: Stack, tmp_pa
 
 def signed_completion(hand: HandUpload) -> bytes:
     """The body of the completion request `HandUpload.complete` would send."""
-    digests = [hashlib.sha256(hand.part(r.number)).digest() for r in hand.ranges]
-    m = Manifest(
-        artifact=hand.detail["id"],
-        org=hand.detail["org"],
-        name="hand.bin",
-        kind="other",
-        uploader=hand.identity.key_id,
-        part_size=hand.detail["part_size"],
-        files=(
-            FileEntry(
-                "hand.bin",
-                len(hand.data),
-                hashlib.sha256(hand.data).digest(),
-                hand.nonce,
-                len(hand.ciphertext),
-                ciphertext_digest(digests),
-                hand.detail["files"][0]["object"],
-            ),
-        ),
-    )
+    m = hand.manifest()
     body = {
         "manifest": m.to_json(),
         "signature": base64.b64encode(m.sign(hand.identity.signing_key)).decode(),

@@ -429,3 +429,20 @@ async def test_a_resumed_link_download_is_not_counted_again(stack: Stack, tmp_pa
         "link.session",
         "link.renew",
     ]
+
+
+async def test_a_file_the_artifact_lacks(stack: Stack, tmp_path: Path) -> None:
+    """A redirect reads only the file it is asked for; another index is a 404 naming the files
+    there are, with its event, and counts nothing."""
+    shared = await share(stack, tmp_path, size=1000)  # one file
+    url = await make_link(stack, shared, max_downloads=1)
+    for index in ("1", "999999999"):
+        before = len(await stack.events())
+        answer = await fetch("GET", f"{url}/files/{index}")
+        assert answer.status == 404 and "Location" not in answer.headers
+        problem = answer.json()
+        assert problem["code"] == "no-such-file"
+        assert f"files 0 to 0, not {index}" in problem["detail"]
+        (event,) = (await stack.events())[before:]
+        assert (event["action"], event["outcome"]["reason"]) == ("link.file", "no-such-file")
+    assert (await fetch("GET", f"{url}/files/0")).status == 307  # the one download is still there
