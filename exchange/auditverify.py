@@ -24,6 +24,13 @@ Checks, in order; the first failure decides the verdict and its exit code:
 On success the checkpoint, its root and the pinned keys are saved in the state directory
 atomically (write, fsync, rename). The log key is pinned on first use from what the auditor
 gives (`--vkey`), never from the bundle's `log.vkey`, which is there for reference only.
+
+The same checks, one row at a time, back `exchange audit query`, which prints nothing it has not
+verified: the page's checkpoint is signed by the pinned key with the pinned quorum
+(`open_checkpoint`) and consistent with the saved one (`consistency_sizes`, `check_consistent`),
+and each row is a canonical event of this log, matches the filters asked for, and has an
+inclusion proof that leads to the checkpoint's root (`check_query_row`). Those functions raise
+VerifyFailure too; they never write the state: only a verified export moves it forward.
 """
 
 from __future__ import annotations
@@ -34,12 +41,13 @@ import hmac
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import NoteError, ProofError
+from .errors import IntegrityFailure, NoteError, ProofError
+from .files import write_atomic
 from .format import merkle
 from .format.checkpoint import COSIGNATURE_V1, Checkpoint, cosigner_key_id, verify_cosignature
 from .format.note import Verifier, decode_vkey, open_note, parse_note
@@ -51,6 +59,12 @@ __all__ = [
     "State",
     "VerifyFailure",
     "canonical_json",
+    "check_consistent",
+    "check_query_row",
+    "consistency_sizes",
+    "filter_mismatch",
+    "load_pinned",
+    "open_checkpoint",
     "verify_bundle",
 ]
 
@@ -73,13 +87,16 @@ EXIT_CODES = {
 }
 
 
-class VerifyFailure(Exception):
-    """A verdict other than ok: its class (a key of EXIT_CODES) and a sentence for the auditor."""
+class VerifyFailure(IntegrityFailure):
+    """A verdict other than ok: its class (a key of EXIT_CODES) and a sentence for the auditor.
+    `exchange audit verify` exits with the verdict's own code, not the tree's (8)."""
+
+    code = "audit-verify-failed"
+    title = "Audit log does not verify"
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
-        self.message = message
 
     @property
     def exit_code(self) -> int:
@@ -249,7 +266,7 @@ class State:
         """Write the checkpoint, then state.json, each by atomic rename; state.json is the commit."""
         directory.mkdir(parents=True, exist_ok=True)
         if self.checkpoint is not None:
-            _atomic_write(directory / "checkpoint", self.checkpoint)
+            write_atomic(directory / "checkpoint", self.checkpoint, overwrite=True)
         data = {
             "log_vkey": self.log_vkey,
             "witness_vkeys": self.witness_vkeys,
@@ -257,22 +274,8 @@ class State:
             "size": self.size,
             "root": base64.b64encode(self.root).decode("ascii") if self.root is not None else None,
         }
-        _atomic_write(directory / "state.json", (json.dumps(data, indent=1) + "\n").encode("utf-8"))
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        state = (json.dumps(data, indent=1) + "\n").encode("utf-8")
+        write_atomic(directory / "state.json", state, overwrite=True)
 
 
 def save_evidence(directory: Path, previous: bytes, new: bytes) -> Path:
@@ -371,6 +374,23 @@ def _leaves(data: bytes) -> Iterator[bytes]:
     yield from data[:-1].split(b"\n")
 
 
+def _open_with_quorum(note: bytes, state: State) -> tuple[Checkpoint, list[str]]:
+    checkpoint = _open_checkpoint(note, state.log_vkey)
+    witnesses = _count_cosignatures(note, checkpoint.to_text(), state.witness_vkeys)
+    if len(witnesses) < state.witness_quorum:
+        raise VerifyFailure(
+            "quorum",
+            f"the checkpoint has {len(witnesses)} valid cosignatures from pinned witnesses; "
+            f"{state.witness_quorum} are required",
+        )
+    return checkpoint, witnesses
+
+
+def open_checkpoint(note: bytes, state: State) -> Checkpoint:
+    """The checkpoint in `note` once it is signed by the pinned log key, with the pinned quorum."""
+    return _open_with_quorum(note, state)[0]
+
+
 def verify_bundle(bundle: Path, state: State) -> tuple[Report, Checkpoint, bytes]:
     """Check a bundle against the trusted state; return the report, checkpoint and its note.
 
@@ -379,15 +399,7 @@ def verify_bundle(bundle: Path, state: State) -> tuple[Report, Checkpoint, bytes
     """
     files = _read_bundle(bundle)
     note = files["checkpoint"]
-    checkpoint = _open_checkpoint(note, state.log_vkey)
-    text = checkpoint.to_text()
-    witnesses = _count_cosignatures(note, text, state.witness_vkeys)
-    if len(witnesses) < state.witness_quorum:
-        raise VerifyFailure(
-            "quorum",
-            f"the checkpoint has {len(witnesses)} valid cosignatures from pinned witnesses; "
-            f"{state.witness_quorum} are required",
-        )
+    checkpoint, witnesses = _open_with_quorum(note, state)
 
     tree = _CompactRange()
     previous_root_from_leaves: bytes | None = merkle.EMPTY_ROOT if state.size == 0 else None
@@ -473,6 +485,135 @@ def merkle_b64(text: Any) -> bytes:
     return raw
 
 
+# -- filtered queries, row by row ------------------------------------------------------------------
+
+
+def consistency_sizes(state: State, checkpoint: Checkpoint) -> tuple[int, int] | None:
+    """(old, new): the consistency proof that relates `checkpoint` to the saved one, if one is needed.
+
+    The checkpoint may be older than the saved one (a query pinned to an earlier size): then the
+    proof runs from it to the saved one.
+    """
+    if state.size is None or state.root is None or checkpoint.size == state.size:
+        return None
+    old, new = sorted((state.size, checkpoint.size))
+    return None if old == 0 else (old, new)
+
+
+def check_consistent(state: State, checkpoint: Checkpoint, proof: Sequence[bytes]) -> None:
+    """Raise VerifyFailure("fork") unless `checkpoint` and the saved checkpoint are one history."""
+    if state.size is None or state.root is None:
+        return
+    if checkpoint.size == state.size:
+        if not hmac.compare_digest(checkpoint.root_hash, state.root):
+            raise VerifyFailure(
+                "fork", f"the checkpoint of size {checkpoint.size} has another root than the saved one"
+            )
+        return
+    sizes = consistency_sizes(state, checkpoint)
+    if sizes is None:
+        return  # one of them is the empty tree, which every tree extends
+    roots = {state.size: state.root, checkpoint.size: checkpoint.root_hash}
+    old, new = sizes
+    try:
+        merkle.verify_consistency(old, new, roots[old], roots[new], proof)
+    except ProofError as exc:
+        raise VerifyFailure(
+            "fork",
+            f"the checkpoint of size {checkpoint.size} is not consistent with the saved one of size "
+            f"{state.size}: {exc}",
+        ) from exc
+
+
+def _member(event: dict[str, Any], name: str) -> dict[str, Any]:
+    value = event.get(name)
+    return value if isinstance(value, dict) else {}
+
+
+def filter_mismatch(event: dict[str, Any], filters: Mapping[str, str | int | None]) -> str | None:
+    """The first filter of `exchange audit query` the event does not match, or None.
+
+    The same meaning as the service's query: `actor` is a principal's id or name, `resource` is
+    TYPE or TYPE:ID, `since` and `until` are ms (until exclusive); `size` is the checkpoint's.
+    """
+    actor, outcome, resource = _member(event, "actor"), _member(event, "outcome"), _member(event, "resource")
+    time_ms = event.get("time_ms")
+    for name, value in filters.items():
+        if value is None or value == "" or name == "size":
+            continue
+        if name == "actor":
+            ok = value in (actor.get("id"), actor.get("name"))
+        elif name == "org":
+            ok = actor.get("org") == value
+        elif name == "action":
+            ok = event.get("action") == value
+        elif name == "outcome":
+            ok = outcome.get("result") == value
+        elif name == "resource":
+            rtype, _, rid = str(value).partition(":")
+            ok = (not rtype or resource.get("type") == rtype) and (not rid or resource.get("id") == rid)
+        elif name in ("since", "until"):
+            ok = type(time_ms) is int and (time_ms >= int(value) if name == "since" else time_ms < int(value))
+        else:
+            raise ValueError(f"unknown query filter {name!r}")
+        if not ok:
+            return name
+    return None
+
+
+def check_query_row(
+    leaf: bytes,
+    idx: int,
+    proof: Sequence[bytes],
+    checkpoint: Checkpoint,
+    filters: Mapping[str, str | int | None],
+) -> dict[str, Any]:
+    """The event of one row of a filtered query, once the row is shown to be what it claims.
+
+    The leaf must be a canonical event of this log at `idx`, match every filter, and be leaf
+    `idx` of the checkpoint's tree by its inclusion proof. Raises VerifyFailure naming the idx.
+    """
+    try:
+        event = parse_leaf(leaf)
+    except ValueError as exc:
+        raise VerifyFailure("entries", f"event {idx} is not a valid event: {exc}") from exc
+    if event.get("idx") != idx:
+        raise VerifyFailure("entries", f"the row at idx {idx} holds the event of idx {event.get('idx')!r}")
+    if event.get("type") != EVENT_TYPE or event.get("origin") != checkpoint.origin:
+        raise VerifyFailure("entries", f"event {idx} is not an event of this log")
+    mismatch = filter_mismatch(event, filters)
+    if mismatch is not None:
+        raise VerifyFailure("entries", f"event {idx} does not match the filter --{mismatch}")
+    try:
+        merkle.verify_inclusion(merkle.leaf_hash(leaf), idx, checkpoint.size, proof, checkpoint.root_hash)
+    except ProofError as exc:
+        raise VerifyFailure(
+            "proof", f"event {idx} is not in the checkpoint of size {checkpoint.size}: {exc}"
+        ) from exc
+    return event
+
+
+# -- running it -----------------------------------------------------------------------------------
+
+
+def load_pinned(state_dir: Path, vkey: str | None) -> State:
+    """The trusted state in `state_dir`, or a new one pinning `vkey` (not saved here).
+
+    VerifyFailure("usage") when nothing is pinned and no key is given, or the key contradicts
+    the pinned one. The state's own files are read as they are (OSError, ValueError).
+    """
+    state = State.load(state_dir)
+    if state is None:
+        if not vkey:
+            raise VerifyFailure(
+                "usage", "no log key is pinned in this state directory: give the log's key with --vkey"
+            )
+        return State(log_vkey=vkey)
+    if vkey and vkey != state.log_vkey:
+        raise VerifyFailure("usage", "--vkey differs from the log key pinned in this state directory")
+    return state
+
+
 def run(
     bundle: Path, state_dir: Path, *, vkey: str | None, witness_vkeys: Sequence[str], quorum: int | None
 ) -> Report:
@@ -481,20 +622,11 @@ def run(
     The log key, witness keys and quorum come from the state (pinned on first use from these
     arguments); an argument that contradicts the pinned value is a usage error.
     """
-    state = State.load(state_dir)
-    if state is None:
-        if not vkey:
-            raise VerifyFailure(
-                "usage", "no log key is pinned in this state directory: give the log's key with --vkey"
-            )
-        state = State(log_vkey=vkey, witness_vkeys=list(witness_vkeys), witness_quorum=quorum or 0)
-    else:
-        if vkey and vkey != state.log_vkey:
-            raise VerifyFailure("usage", "--vkey differs from the log key pinned in this state directory")
-        if witness_vkeys:
-            state.witness_vkeys = list(witness_vkeys)
-        if quorum is not None:
-            state.witness_quorum = quorum
+    state = load_pinned(state_dir, vkey)
+    if witness_vkeys:
+        state.witness_vkeys = list(witness_vkeys)
+    if quorum is not None:
+        state.witness_quorum = quorum
     if state.witness_quorum > len(state.witness_vkeys):
         raise VerifyFailure("usage", "the witness quorum is larger than the number of witness keys")
     try:

@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +21,7 @@ from typing import Any
 from nacl.signing import SigningKey, VerifyKey
 
 from .errors import AgeError, ValidationError
+from .files import write_atomic
 from .format import age
 
 __all__ = ["Identity", "PublicKeys", "key_id_for"]
@@ -141,23 +139,16 @@ class Identity:
             raise ValidationError(f"identity file {path} is not valid JSON") from exc
 
     def save(self, path: Path, *, overwrite: bool = False) -> None:
-        """Write atomically with mode 0600; refuse to replace an existing file unless told to."""
-        if path.exists() and not overwrite:
-            raise ValidationError(f"{path} exists; refusing to overwrite an identity")
+        """Write atomically with mode 0600; refuse to replace an existing file unless told to.
+
+        The refusal is the create itself (a hard link), not a check before it: of two saves
+        racing to the same path, one wins and the other is refused."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".identity-", suffix=".tmp")
+        data = (json.dumps(self.to_json(), indent=2) + "\n").encode("utf-8")
         try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(self.to_json(), fh, indent=2)
-                fh.write("\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+            write_atomic(path, data, overwrite=overwrite)
+        except FileExistsError:
+            raise ValidationError(f"{path} exists; refusing to overwrite an identity") from None
 
     def age_key_file(self) -> str:
         """The age identity as an age key file, usable as `age -d -i FILE`."""

@@ -29,6 +29,8 @@ from .errors import ValidationError
 __all__ = ["Settings", "is_internal_address"]
 
 _PREFIX = "EXCHANGE_"
+#: The annotation of list settings (the module's annotations are strings).
+_LIST = "tuple[str, ...]"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +65,20 @@ class Settings:
 
     #: Largest JSON request body the API accepts.
     max_body_bytes: int = 1024 * 1024
+
+    # -- connections ----------------------------------------------------------------------------
+    #: A connection must deliver a request's complete headers this long after it opened, or after
+    #: the first byte of a later request on it; otherwise it is closed (slow-header clients).
+    http_header_timeout_s: float = 10.0
+    #: A kept-alive connection with no request under way is closed after this long. Above the
+    #: 60 s idle timeout of common load balancers, so the proxy, not the service, closes first.
+    http_keepalive_timeout_s: float = 75.0
+    #: Longest time to receive one request body; a slower body is answered 408.
+    http_body_timeout_s: float = 60.0
+    #: Most open client connections in total (clamped to what the file-descriptor limit allows).
+    http_max_connections: int = 10_000
+    #: Most open client connections from one source: an IPv4 address, or an IPv6 /64.
+    http_max_connections_per_source: int = 256
     #: How far a request signature's `created` time may be from the server clock.
     signature_max_skew_s: int = 300
     #: Lifetime of an invite when the admin names none.
@@ -86,10 +102,11 @@ class Settings:
     audit_heartbeat_s: int = 60
     #: Most events one entries (export) request returns; clients page through longer ranges.
     audit_export_max_entries: int = 100_000
-    #: Witnesses (c2sp.org/tlog-witness) asked to cosign each checkpoint: comma-separated URL prefixes.
-    witness_urls: str = ""
-    #: The witnesses' cosigner verifier keys (type 0x04 vkeys), comma-separated.
-    witness_vkeys: str = ""
+    #: Witnesses (c2sp.org/tlog-witness) asked to cosign each checkpoint: URL prefixes (a list;
+    #: comma-separated in the environment).
+    witness_urls: tuple[str, ...] = ()
+    #: The witnesses' cosigner verifier keys (type 0x04 vkeys): a list, comma-separated in the environment.
+    witness_vkeys: tuple[str, ...] = ()
     #: A checkpoint is published only with this many cosignatures from the keys above.
     witness_quorum: int = 0
     #: Timeout of one add-checkpoint call to a witness.
@@ -119,6 +136,13 @@ class Settings:
     link_default_lifetime_s: int = 24 * 3600
     #: Longest lifetime a download link may be given.
     link_max_lifetime_s: int = 7 * 24 * 3600
+    #: Lifetime of the presigned storage URLs a link redemption hands out. Short, because a URL
+    #: already handed out keeps working until it expires, even after the link is revoked; a long
+    #: download renews its URLs within its (already counted) session.
+    link_presign_ttl_s: int = 60
+    #: How long after its challenge a link proof may open a download session. A proof that already
+    #: opened one keeps continuing it (it names that session), however old.
+    link_proof_max_age_s: int = 600
     #: Link redemptions one client IP may make per minute (token bucket, per replica), and its burst.
     redeem_ip_requests_per_min: int = 120
     redeem_ip_burst_requests: int = 60
@@ -126,21 +150,41 @@ class Settings:
     redeem_link_requests_per_min: int = 600
     redeem_link_burst_requests: int = 120
 
+    # -- refusals ---------------------------------------------------------------------------------
+    #: Refused unauthenticated requests (failed signature, unknown route, refused enrolment) one
+    #: source (IPv4 address or IPv6 /64) may make per minute, and its burst (token bucket, per
+    #: replica). Past it, that source's requests needing a signature get 429 before any work.
+    auth_failure_requests_per_min: int = 120
+    auth_failure_burst_requests: int = 60
+    #: How long such a source's 429 waits before it is sent: a flood on N connections then gets
+    #: N answers per this long instead of the event loop's attention (0: answer at once).
+    auth_failure_delay_s: float = 1.0
+    #: Window over which anonymous refusals are counted per (source, route, code) for the log.
+    refusal_log_window_s: int = 60
+    #: Refusals per (source, route, code) and window appended as events of their own; the rest
+    #: (and every 429) are counted into one `http.refusals` summary event at the window's end.
+    refusal_log_allowance_events: int = 10
+    #: Most (source, route, code) keys counted per window (per replica); further keys share one
+    #: `other` summary.
+    refusal_log_max_keys: int = 10_000
+
     # -- findings --
     #: Largest finding body (Markdown, plaintext bytes; attachments are artifacts, of any size).
     finding_body_max_bytes: int = 1024 * 1024
     #: Largest encrypted note on a lifecycle move.
     finding_note_max_bytes: int = 64 * 1024
-    #: Principals every finding is also encrypted to (a clearinghouse), comma-separated names.
-    finding_clearinghouse: str = ""
-
-    @property
-    def finding_clearinghouse_names(self) -> tuple[str, ...]:
-        return tuple(n.strip() for n in self.finding_clearinghouse.split(",") if n.strip())
+    #: Principals every finding is also encrypted to (a clearinghouse): names, a list (comma-separated
+    #: in the environment).
+    finding_clearinghouse: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.type == _LIST and not (isinstance(value, tuple) and all(isinstance(v, str) for v in value)):
+                # A comma string here would be iterated letter by letter; lists are parsed on loading.
+                raise ValidationError(
+                    f"setting {f.name} must be a tuple of strings, not {type(value).__name__}"
+                )
             if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
                 raise ValidationError(f"setting {f.name} must not be negative (got {value})")
         if not 0 <= self.port <= 65535 or not 0 <= self.s3_port <= 65535:
@@ -161,6 +205,8 @@ class Settings:
             raise ValidationError(
                 "upload_part_urls_max, artifact_max_files and upload_sweep_interval_s must be positive"
             )
+        if self.link_presign_ttl_s == 0 or self.link_proof_max_age_s == 0:
+            raise ValidationError("link_presign_ttl_s and link_proof_max_age_s must be positive")
         if self.link_default_lifetime_s == 0 or self.link_default_lifetime_s > self.link_max_lifetime_s:
             raise ValidationError("link_default_lifetime_s must be positive and at most link_max_lifetime_s")
         if 0 in (
@@ -170,15 +216,36 @@ class Settings:
             self.redeem_link_burst_requests,
         ):
             raise ValidationError("the redeem_* rate limits must be positive")
+        if 0 in (
+            self.auth_failure_requests_per_min,
+            self.auth_failure_burst_requests,
+            self.refusal_log_window_s,
+            self.refusal_log_max_keys,
+        ):
+            raise ValidationError(
+                "auth_failure_requests_per_min, auth_failure_burst_requests, refusal_log_window_s"
+                " and refusal_log_max_keys must be positive"
+            )
+        if not 0 <= self.auth_failure_delay_s <= 60:  # NaN fails too
+            raise ValidationError("auth_failure_delay_s must be between 0 and 60 s")
         if self.page_size_default == 0 or self.page_size_default > self.page_size_max:
             raise ValidationError("page_size_default must be between 1 and page_size_max")
         if self.audit_checkpoint_interval_s == 0:
             raise ValidationError("audit_checkpoint_interval_s must be positive")
+        for name in (
+            "http_header_timeout_s",
+            "http_keepalive_timeout_s",
+            "http_body_timeout_s",
+            "http_max_connections",
+            "http_max_connections_per_source",
+        ):
+            if not 0 < getattr(self, name) < float("inf"):  # NaN fails too
+                raise ValidationError(f"{name} must be a positive, finite number")
         for name in ("public_url", "s3_endpoint", "s3_public_endpoint"):
             value = getattr(self, name)
             if value:
                 _check_http_url(name, value)
-        for url in self.witness_url_list:
+        for url in self.witness_urls:
             _check_http_url("witness_urls", url)
             if not self.witness_allow_private:
                 _check_public_host("witness_urls", url)
@@ -207,10 +274,6 @@ class Settings:
     @property
     def effective_s3_public_endpoint(self) -> str:
         return self.s3_public_endpoint or self.s3_endpoint
-
-    @property
-    def witness_url_list(self) -> list[str]:
-        return [u.strip() for u in self.witness_urls.split(",") if u.strip()]
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -279,11 +342,28 @@ def _coerce(name: str, raw: Any) -> Any:
             return float(raw)
         if kind == "Path":
             return Path(str(raw))
+        if kind == _LIST:
+            return _list(raw)
         if not isinstance(raw, str):
             raise TypeError
         return raw
     except (TypeError, ValueError) as exc:
-        raise ValidationError(f"setting {name}: cannot use {raw!r} as {kind}") from exc
+        what = "a list of strings (or a comma-separated string)" if kind == _LIST else kind
+        raise ValidationError(f"setting {name}: cannot use {raw!r} as {what}") from exc
+
+
+def _list(raw: Any) -> tuple[str, ...]:
+    """A list setting: a comma-separated string (the environment) or an array of strings (TOML).
+    Items are stripped and empty ones dropped, so `"a, b,"` and `["a", " b"]` are both (a, b)."""
+    if isinstance(raw, str):
+        items: list[Any] = raw.split(",")
+    elif isinstance(raw, list | tuple):
+        items = list(raw)
+        if not all(isinstance(item, str) for item in items):
+            raise TypeError("every item must be a string")
+    else:
+        raise TypeError("a list of strings, or a comma-separated string")
+    return tuple(item.strip() for item in items if item.strip())
 
 
 def _check_http_url(name: str, value: str) -> None:

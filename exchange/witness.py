@@ -50,7 +50,8 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
-from .errors import NoteError, ProofError
+from .errors import DependencyError, InputError, NoteError, ProofError
+from .files import write_atomic
 from .format import merkle
 from .format.checkpoint import COSIGNATURE_V1, Checkpoint, cosign, cosigner_vkey, verify_cosignature
 from .format.note import (
@@ -65,8 +66,13 @@ from .settings import is_internal_address
 
 __all__ = [
     "MAX_PROOF_LINES",
+    "AddCheckpointError",
+    "CheckpointConflict",
+    "CheckpointInconsistent",
+    "CheckpointUntrusted",
     "InternalAddressRefused",
     "PublicResolver",
+    "UnknownLogOrigin",
     "WitnessKey",
     "WitnessState",
     "create_witness_app",
@@ -86,14 +92,41 @@ SIZE_CONTENT_TYPE = "text/x.tlog.size"
 _SKEY_PREFIX = "PRIVATE+KEY+"
 
 
-class AddCheckpointError(Exception):
-    """A refused add-checkpoint request: the HTTP status and a sentence for the log operator."""
+class AddCheckpointError(InputError):
+    """A refused add-checkpoint request, the submitting log's fault: a malformed request (400) or
+    one of the subclasses. The witness answers the class's status and `message` as plain text."""
 
-    def __init__(self, status: int, message: str, *, known_size: int | None = None) -> None:
+    code = "checkpoint-refused"
+    title = "Checkpoint refused"
+
+    def __init__(self, message: str, *, known_size: int | None = None) -> None:
         super().__init__(message)
-        self.status = status
-        self.message = message
+        #: The size the witness last cosigned, sent back with a 409 (`text/x.tlog.size`).
         self.known_size = known_size
+
+
+class CheckpointUntrusted(AddCheckpointError):
+    status = 403
+    code = "checkpoint-untrusted"
+    title = "No trusted log signature"
+
+
+class UnknownLogOrigin(AddCheckpointError):
+    status = 404
+    code = "unknown-log-origin"
+    title = "Unknown log origin"
+
+
+class CheckpointConflict(AddCheckpointError):
+    status = 409
+    code = "checkpoint-conflict"
+    title = "Not the size last cosigned"
+
+
+class CheckpointInconsistent(AddCheckpointError):
+    status = 422
+    code = "checkpoint-inconsistent"
+    title = "Consistency proof does not verify"
 
 
 # -- keys ------------------------------------------------------------------------------------------
@@ -142,10 +175,8 @@ class WitnessKey:
         return key
 
     def save(self, path: Path) -> None:
-        """Write the key file with mode 0600; refuse to overwrite one."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="ascii") as fh:
-            fh.write(self.to_skey() + "\n")
+        """Write the key file with mode 0600; refuse to overwrite one (`FileExistsError`)."""
+        write_atomic(path, (self.to_skey() + "\n").encode("ascii"), overwrite=False)
 
     @classmethod
     def load(cls, path: Path) -> WitnessKey:
@@ -168,21 +199,21 @@ def parse_add_checkpoint(body: bytes) -> tuple[int, list[bytes], bytes]:
     # Proof lines are never empty, so the first blank line ends the header.
     header, blank, note = body.partition(b"\n\n")
     if not blank:
-        raise AddCheckpointError(400, "no blank line between the old size and proof lines and the checkpoint")
+        raise AddCheckpointError("no blank line between the old size and proof lines and the checkpoint")
     old_line, *proof_lines = header.split(b"\n")
     match = _OLD_SIZE.fullmatch(old_line)
     if match is None:
-        raise AddCheckpointError(400, "the first line must be 'old <size>' in decimal without leading zeros")
+        raise AddCheckpointError("the first line must be 'old <size>' in decimal without leading zeros")
     if len(proof_lines) > MAX_PROOF_LINES:
-        raise AddCheckpointError(400, f"more than {MAX_PROOF_LINES} consistency proof lines")
+        raise AddCheckpointError(f"more than {MAX_PROOF_LINES} consistency proof lines")
     proof: list[bytes] = []
     for line in proof_lines:
         try:
             digest = b64decode_canonical(line.decode("ascii"), what="consistency proof hash")
         except (NoteError, UnicodeDecodeError) as exc:
-            raise AddCheckpointError(400, "a consistency proof line is not canonical base64") from exc
+            raise AddCheckpointError("a consistency proof line is not canonical base64") from exc
         if len(digest) != merkle.HASH_SIZE:
-            raise AddCheckpointError(400, "a consistency proof line is not a 32-byte hash")
+            raise AddCheckpointError("a consistency proof line is not a 32-byte hash")
         proof.append(digest)
     return int(match.group(1)), proof, note
 
@@ -210,20 +241,8 @@ class WitnessState:
         return int(data["size"]), base64.b64decode(data["root"])
 
     def store(self, origin: str, size: int, root: bytes) -> None:
-        path = self._path(origin)
-        tmp = path.with_suffix(".tmp")
         data = json.dumps({"origin": origin, "size": size, "root": base64.b64encode(root).decode("ascii")})
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(self._path(origin), data.encode("utf-8"), overwrite=True)
 
 
 # -- the witness -------------------------------------------------------------------------------------
@@ -256,34 +275,34 @@ class Witness:
         try:
             checkpoint = Checkpoint.parse(parse_note(note_bytes).text)
         except NoteError as exc:
-            raise AddCheckpointError(400, f"the checkpoint does not parse: {exc}") from exc
+            raise AddCheckpointError(f"the checkpoint does not parse: {exc}") from exc
         verifiers = self.logs.get(checkpoint.origin)
         if verifiers is None:
-            raise AddCheckpointError(404, f"unknown log origin {checkpoint.origin!r}")
+            raise UnknownLogOrigin(f"unknown log origin {checkpoint.origin!r}")
         try:
             open_note(note_bytes, verifiers)
         except NoteError as exc:
-            raise AddCheckpointError(403, f"no trusted log signature verifies: {exc}") from exc
+            raise CheckpointUntrusted(f"no trusted log signature verifies: {exc}") from exc
         if old_size > checkpoint.size:
-            raise AddCheckpointError(400, "the old size is larger than the checkpoint size")
+            raise AddCheckpointError("the old size is larger than the checkpoint size")
         # Check and update under one lock: two requests must not both pass against the same state.
         async with self._lock:
             known = await asyncio.to_thread(self.state.load, checkpoint.origin)
             known_size, known_root = known if known else (0, merkle.EMPTY_ROOT)
             if old_size != known_size:
-                raise AddCheckpointError(
-                    409, f"the witness last cosigned size {known_size}", known_size=known_size
+                raise CheckpointConflict(
+                    f"the witness last cosigned size {known_size}", known_size=known_size
                 )
             if old_size == checkpoint.size and known is not None and known_root != checkpoint.root_hash:
                 log.warning("fork: %s size %d with two roots", checkpoint.origin, checkpoint.size)
-                raise AddCheckpointError(
-                    409, "the same tree size with another root hash: the log forked", known_size=known_size
+                raise CheckpointConflict(
+                    "the same tree size with another root hash: the log forked", known_size=known_size
                 )
             try:
                 merkle.verify_consistency(old_size, checkpoint.size, known_root, checkpoint.root_hash, proof)
             except ProofError as exc:
                 log.warning("inconsistent checkpoint from %s: %s", checkpoint.origin, exc)
-                raise AddCheckpointError(422, f"the consistency proof does not verify: {exc}") from exc
+                raise CheckpointInconsistent(f"the consistency proof does not verify: {exc}") from exc
             await asyncio.to_thread(
                 self.state.store, checkpoint.origin, checkpoint.size, checkpoint.root_hash
             )
@@ -322,8 +341,12 @@ def create_witness_app(witness: Witness) -> web.Application:
 # -- the client: collecting cosignatures ---------------------------------------------------------------
 
 
-class InternalAddressRefused(OSError):
-    """A witness name resolved to a loopback, private, link-local or metadata address."""
+class InternalAddressRefused(DependencyError, OSError):
+    """A witness name resolved to a loopback, private, link-local or metadata address. Also an
+    OSError: aiohttp turns only an OSError from a resolver into a failed connection."""
+
+    code = "witness-address-refused"
+    title = "Witness address refused"
 
 
 class PublicResolver(AbstractResolver):

@@ -10,8 +10,10 @@ that the generator's CPU is not the server's: keep-alive connections speaking ra
 every signed request signed before the timed window (each needs a unique nonce). It prints
 requests/s, p50 and p99 latency, the statuses seen, the server's CPU seconds per request (from
 /proc/PID/stat: what matters for capacity) and its RSS and descriptors before and after. For the
-scenarios that write it checks that the audit log grew by exactly one event per answer (every
-success has its event, and so does every refusal, a 429 included).
+scenarios that write it checks that every success has its event, and counts how the refusals
+were accounted for: the first few per (source, route, code) and window as events of their own,
+the rest (and every 429) in one `http.refusals` summary per window (`api.refusals`); once the
+server has stopped (its last summaries written) the two must add up to the refusals answered.
 
 Link redemption is rate-limited per client IP and per link; from one loopback address the
 throughput scenarios need those limits raised, so the server is restarted with
@@ -26,6 +28,14 @@ that load.
 
 `--soak 10m` instead runs issuance, redemption and audit queries together for that long and
 samples the server's RSS and descriptors as it goes: they must stay flat.
+
+The `flood` scenario (last, and with `--only flood` alone) measures what an unsigned flood
+costs: signed `GET /v1/whoami` from a second loopback address (127.0.0.2, 8 connections) alone
+for the duration, as the baseline, then the same beside unsigned `GET /v1/whoami` from
+127.0.0.1 on `--concurrency` connections (closed loop, or `--flood-rate` requests a second).
+It prints both signed throughputs, the flood's statuses, and, after stopping the server so that
+its last summaries are written, the audit events and bytes the flood added (leaf bytes, and the
+growth of the pages of the audit tables and their indexes) with `/proc/loadavg` before and after.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,9 +68,12 @@ from exchange.client import Client
 from exchange.client import links as links_api
 from exchange.client.signing import sign_headers
 from exchange.client.transfer import upload
+from exchange.dev.seaweed import S3Credentials, SeaweedFS
 from exchange.durations import parse_duration
+from exchange.format.linkproof import make_proof
 from exchange.identity import Identity
-from exchange.seaweed import S3Credentials, SeaweedFS
+from exchange.services.auditlog import load_or_create_signer
+from exchange.services.links import ProofKeys
 
 EXCHANGE = [sys.executable, "-m", "exchange.cli"]
 #: Redemption limits for the throughput scenarios (one client address, one link).
@@ -70,7 +84,7 @@ RAISED_LIMITS = {
     "EXCHANGE_REDEEM_LINK_BURST_REQUESTS": "100000000",
 }
 #: The scenarios, by the names --only and --rates take.
-SCENARIOS = ("healthz", "whoami", "invite", "issue", "redeem", "counted", "query")
+SCENARIOS = ("healthz", "whoami", "invite", "issue", "redeem", "counted", "challenge", "query", "flood")
 #: A signed request older than this is signed afresh (the server allows 300 s of skew).
 RESIGN_AFTER_S = 240
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -127,6 +141,51 @@ def audit_size(db: Path) -> int:
         return int(conn.execute("SELECT size FROM audit_head").fetchone()[0])
 
 
+@dataclass(frozen=True)
+class AuditGrowth:
+    """The events appended since some index, by kind, and their leaves' bytes."""
+
+    events: int
+    allowed: int
+    refused: int
+    summaries: int
+    suppressed: int
+    leaf_bytes: int
+
+
+def audit_growth(db: Path, since: int) -> AuditGrowth:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        events, leaf_bytes = conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(leaf)), 0) FROM audit_events WHERE idx >= ?", (since,)
+        ).fetchone()
+        allowed, refused = conn.execute(
+            "SELECT COALESCE(SUM(outcome = 'allowed'), 0), COALESCE(SUM(outcome != 'allowed'), 0)"
+            " FROM audit_events WHERE idx >= ? AND action NOT IN ('http.refusals', 'audit.heartbeat')",
+            (since,),
+        ).fetchone()
+        leaves = conn.execute(
+            "SELECT leaf FROM audit_events WHERE idx >= ? AND action = 'http.refusals'", (since,)
+        ).fetchall()
+    suppressed = sum(int(json.loads(bytes(leaf))["details"]["suppressed"]) for (leaf,) in leaves)
+    return AuditGrowth(events, allowed, refused, len(leaves), suppressed, leaf_bytes)
+
+
+def audit_bytes(db: Path) -> int:
+    """The bytes of the pages holding the audit log: events, tree nodes, checkpoints and their
+    indexes (SQLite's dbstat; the write-ahead log read through, so a checkpoint of it into the
+    file changes nothing). Other tables, such as the nonces of signed requests, are left out."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        (size,) = conn.execute(
+            "SELECT COALESCE(SUM(pgsize), 0) FROM dbstat"
+            " WHERE name LIKE 'audit%' OR name LIKE 'sqlite_autoindex_audit%'"
+        ).fetchone()
+        return int(size)
+
+
+def loadavg() -> str:
+    return Path("/proc/loadavg").read_text().strip()
+
+
 # -- requests: signed ahead of time, sent as raw HTTP/1.1 -----------------------------------------
 
 
@@ -139,6 +198,9 @@ class RequestSpec:
     body: bytes = b""
     content_type: str | None = None
     signer: tuple[bytes, str] | None = None
+    #: (the service's proof key, the link's id): each request carries a fresh `?proof=`, as the
+    #: recipient gets one from the link's challenge, so each opens (and counts) a session.
+    prover: tuple[bytes, str] | None = None
 
 
 def _wire(method: str, url: str, headers: dict[str, str], body: bytes) -> bytes:
@@ -201,13 +263,30 @@ def check_fast_signer(identity: Identity) -> None:
         raise SystemExit(f"the benchmark's signer disagrees with the client's:\n{fast}\n{slow}")
 
 
+def _proved(spec: RequestSpec) -> bytes:
+    """The request with a fresh link proof, minted with the service's own key: what the link's
+    challenge would have given the recipient, without the round trip (the challenge has a
+    scenario of its own)."""
+    assert spec.prover is not None
+    key, link_id = spec.prover
+    proof = make_proof(key, link_id, time.time_ns() // 1_000_000)
+    return _wire(spec.method, f"{spec.url}?proof={proof}", {}, spec.body)
+
+
 class Source:
     """Request bytes to send: the same bytes each time, or freshly signed ones from a pool."""
 
     def __init__(self, spec: RequestSpec, presign: int) -> None:
         self.spec = spec
         self.signed_in_window = 0
-        if spec.signer is None:
+        self._make: Callable[[RequestSpec], bytes]
+        if spec.prover is not None:
+            self._fixed = None
+            self._make = _proved
+            self._pool = [_proved(spec) for _ in range(presign)]
+            self._pool.reverse()
+            self._signed_at = time.monotonic()
+        elif spec.signer is None:
             self._fixed: bytes | None = _wire(
                 spec.method,
                 spec.url,
@@ -217,8 +296,8 @@ class Source:
             self._pool: list[bytes] = []
         else:
             self._fixed = None
-            self._signer = FastSigner(*spec.signer)
-            self._pool = [self._signer.wire(spec) for _ in range(presign)]
+            self._make = FastSigner(*spec.signer).wire
+            self._pool = [self._make(spec) for _ in range(presign)]
             self._pool.reverse()
             self._signed_at = time.monotonic()
 
@@ -228,7 +307,7 @@ class Source:
         if self._pool and time.monotonic() - self._signed_at < RESIGN_AFTER_S:
             return self._pool.pop()
         self.signed_in_window += 1
-        return self._signer.wire(self.spec)
+        return self._make(self.spec)
 
 
 @dataclass(frozen=True)
@@ -242,6 +321,8 @@ class Stream:
     connections: int
     presign: int = 0
     rate: float | None = None
+    #: The address the connections are made from (another loopback address is another source).
+    local_addr: str | None = None
 
 
 @dataclass
@@ -284,14 +365,21 @@ class Pacer:
 
 
 async def _connection(
-    host: str, port: int, source: Source, result: StreamResult, stop: float, pacer: Pacer | None
+    host: str,
+    port: int,
+    source: Source,
+    result: StreamResult,
+    stop: float,
+    pacer: Pacer | None,
+    local_addr: str | None,
 ) -> None:
     reader: asyncio.StreamReader | None = None
     writer: asyncio.StreamWriter | None = None
+    bind = (local_addr, 0) if local_addr else None
     while time.monotonic() < stop:
         try:
             if writer is None:
-                reader, writer = await asyncio.open_connection(host, port)
+                reader, writer = await asyncio.open_connection(host, port, local_addr=bind)
             assert reader is not None
             data = source.next()
             if pacer is None:
@@ -343,7 +431,7 @@ def generate(streams: list[Stream], host: str, port: int, seconds: float) -> lis
         pacers = [None if stream.rate is None else Pacer(stream.rate) for stream in streams]
         await asyncio.gather(
             *(
-                _connection(host, port, source, result, stop, pacer)
+                _connection(host, port, source, result, stop, pacer, stream.local_addr)
                 for stream, source, result, pacer in zip(streams, sources, results, pacers, strict=True)
                 for _ in range(stream.connections)
             )
@@ -382,6 +470,8 @@ class Fixture:
     session_token: str
     session: str
     counted_token: str
+    counted_link: str
+    proof_key: bytes
 
 
 class Bench:
@@ -448,10 +538,23 @@ async def setup(url: str, admin: Identity, work: Path) -> Fixture:
         counted_link = await links_api.create_link(dev, artifact, "tess", expires_in_s=86400)
     _, session_token = links_api.split_link(session_link["url"])
     _, counted_token = links_api.split_link(counted_link["url"])
-    async with Client(url) as anon:
-        opened = await links_api.open_session(anon, session_token)
+    async with Client(url, ids["tess"]) as tess:
+        # A counted session needs a proof that the recipient holds its key (the link's challenge).
+        opened = await links_api.open_session(
+            tess, session_token, proof=await links_api.prove(tess, session_token)
+        )
+    # The key the service makes link proofs with: derived from its log key, in its home.
+    signer = load_or_create_signer(work / "log-signing.key", "exchange.local/audit")
     return Fixture(
-        admin, ids["dev"], ids["tess"], artifact, session_token, str(opened["session"]), counted_token
+        admin,
+        ids["dev"],
+        ids["tess"],
+        artifact,
+        session_token,
+        str(opened["session"]),
+        counted_token,
+        str(counted_link["id"]),
+        ProofKeys.from_signer(signer, max_age_s=600).mac_key,
     )
 
 
@@ -516,18 +619,31 @@ async def scenario(
             flush=True,
         )
     if writes:
-        # Each success is one event, and so is each refusal (a 429 included).
-        grown = audit_size(bench.db) - events0
+        # Each success is one event; refusals are events of their own up to the allowance, the
+        # rest (a 429 always) counted into summaries, some pending until their window ends.
+        grown = audit_growth(bench.db, events0)
         ok = result.count(200, 400)
         refused = result.answered - ok
-        expected = ok * events_per_success + refused
-        verdict = "equal" if grown == expected else "MISMATCH"
+        verdict = "equal" if grown.allowed == ok * events_per_success else "MISMATCH"
         each = f" x {events_per_success}" if events_per_success != 1 else ""
         print(
-            f"{'':<40} audit events +{grown} for {ok} successes{each} + {refused} refusals: {verdict}",
+            f"{'':<40} audit events +{grown.events}: {grown.allowed} for {ok} successes{each} ({verdict});"
+            f" {refused} refusals: {grown.refused} events of their own, {grown.suppressed} counted in"
+            f" {grown.summaries} summaries so far",
             flush=True,
         )
     return result
+
+
+def accounted(bench: Bench, since: int, refused: int) -> str:
+    """After the server stopped (its last summaries written): do events and counts add up?"""
+    grown = audit_growth(bench.db, since)
+    total = grown.refused + grown.suppressed
+    verdict = "equal" if total == refused else "MISMATCH"
+    return (
+        f"{refused} refusals: {grown.refused} events of their own + {grown.suppressed} counted in"
+        f" {grown.summaries} summaries = {total}: {verdict}"
+    )
 
 
 async def run(args: argparse.Namespace, work: Path) -> None:
@@ -561,7 +677,10 @@ async def run(args: argparse.Namespace, work: Path) -> None:
             f" {os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
         )
         session_file = RequestSpec("GET", f"{url}/l/{fx.session_token}/files/0?session={fx.session}")
-        counted_file = RequestSpec("GET", f"{url}/l/{fx.counted_token}/files/0")
+        counted_file = RequestSpec(
+            "GET", f"{url}/l/{fx.counted_token}/files/0", prover=(fx.proof_key, fx.counted_link)
+        )
+        challenge = RequestSpec("GET", f"{url}/l/{fx.counted_token}/challenge")
         issue = signed(
             fx.developer,
             "POST",
@@ -572,7 +691,8 @@ async def run(args: argparse.Namespace, work: Path) -> None:
 
         print("\nat the default redemption limits (EXCHANGE_REDEEM_*: 120/min and burst 60 per address):")
         print(HEADER)
-        await scenario(
+        events0 = audit_size(bench.db)
+        limited = await scenario(
             bench,
             "GET /l/T/files/0?session= (default)",
             session_file,
@@ -581,6 +701,8 @@ async def run(args: argparse.Namespace, work: Path) -> None:
             writes=True,
         )
         bench.stop_server()
+        refused = limited.answered - limited.count(200, 400)
+        print(f"{'':<40} after stopping: {accounted(bench, events0, refused)}")
         bench.start_server(env | RAISED_LIMITS, profile=args.profile)
         print(f"\nredemption limits raised for one loopback client ({', '.join(RAISED_LIMITS)}=10^8):")
 
@@ -615,7 +737,8 @@ async def run(args: argparse.Namespace, work: Path) -> None:
             ),
             ("issue", "POST /v1/links (signed, +event)", issue, True),
             ("redeem", "GET /l/T/files/0?session= (+event)", session_file, True),
-            ("counted", "GET /l/T/files/0 counted (+session)", counted_file, True),
+            ("counted", "GET /l/T/files/0?proof= counted (+session)", counted_file, True),
+            ("challenge", "GET /l/T/challenge (age-encrypted, +event)", challenge, True),
             ("query", "GET /v1/audit/events (signed, +event)", query, True),
         ]
         closed: list[tuple[str, str, RequestSpec, bool, float | None]] = [
@@ -628,7 +751,7 @@ async def run(args: argparse.Namespace, work: Path) -> None:
         ]
         open_loop_shown = False
         for key, name, spec, writes, rate in closed + paced:
-            if chosen is not None and key not in chosen:
+            if (chosen is not None and key not in chosen) or key == "flood":
                 continue
             if rate is not None and not open_loop_shown:
                 open_loop_shown = True
@@ -647,6 +770,8 @@ async def run(args: argparse.Namespace, work: Path) -> None:
                 events_per_success=2 if key == "counted" else 1,
                 rate=rate,
             )
+        if chosen is None or "flood" in chosen:
+            await flood(bench, fx, seconds=seconds, concurrency=conc, presign=presign, rate=args.flood_rate)
         print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     finally:
         bench.pool.shutdown(cancel_futures=True)
@@ -658,6 +783,79 @@ async def run(args: argparse.Namespace, work: Path) -> None:
             except subprocess.TimeoutExpired:
                 ceiling_proc.kill()
         store.stop()
+
+
+async def flood(
+    bench: Bench, fx: Fixture, *, seconds: float, concurrency: int, presign: int, rate: float | None
+) -> None:
+    """Signed requests from 127.0.0.2 alone, then beside an unsigned flood from 127.0.0.1; what the
+    flood added to the log once the server has stopped (and written its last summaries)."""
+    assert bench.server is not None
+    url, pid = bench.url, bench.server.pid
+    signed_spec = signed(fx.developer, "GET", url + "/v1/whoami")
+    unsigned = RequestSpec("GET", url + "/v1/whoami")
+    signed_name = "signed GET /v1/whoami from 127.0.0.2"
+    print(f"\nflood: /proc/loadavg before: {loadavg()}")
+    print(HEADER)
+    (baseline,) = await bench.run(
+        [
+            Stream(
+                f"{signed_name} (alone)",
+                signed_spec,
+                FLOOD_SIGNED_CONNECTIONS,
+                presign,
+                local_addr="127.0.0.2",
+            )
+        ],
+        seconds,
+    )
+    print(report(baseline, None, None), flush=True)
+    events0, bytes0, cpu0 = audit_size(bench.db), audit_bytes(bench.db), cpu_seconds(pid)
+    how = f"at {rate:.0f}/s" if rate else "closed loop"
+    signed_result, flooded = await bench.run(
+        [
+            Stream(
+                f"{signed_name} (flood)",
+                signed_spec,
+                FLOOD_SIGNED_CONNECTIONS,
+                presign,
+                local_addr="127.0.0.2",
+            ),
+            Stream(
+                f"unsigned flood from 127.0.0.1, {how}",
+                unsigned,
+                concurrency,
+                rate=rate,
+                local_addr="127.0.0.1",
+            ),
+        ],
+        seconds,
+    )
+    cpu = cpu_seconds(pid) - cpu0
+    print(report(signed_result, None, None))
+    print(report(flooded, None, None), flush=True)
+    during = audit_growth(bench.db, events0)
+    bench.stop_server()  # its last summaries are written on the way out
+    grown = audit_growth(bench.db, events0)
+    ratio = signed_result.rps() / baseline.rps() if baseline.rps() else 0.0
+    refused = flooded.answered - flooded.count(200, 400)
+    total = signed_result.answered + flooded.answered
+    print(
+        f"signed throughput beside the flood: {signed_result.rps():.0f}/s,"
+        f" {ratio:.0%} of {baseline.rps():.0f}/s alone; server CPU {cpu:.1f} s for {total} requests"
+    )
+    grew = audit_bytes(bench.db) - bytes0
+    print(
+        f"audit events added by {flooded.answered} flood answers in {seconds:.0f} s:"
+        f" +{during.events} while it ran, +{grown.events} once the server stopped"
+        f" ({grown.summaries} summaries); leaf bytes +{grown.leaf_bytes:,}; audit pages +{grew:,} bytes"
+    )
+    print(f"every refusal accounted for: {accounted(bench, events0, refused)}")
+    print(f"flood: /proc/loadavg after: {loadavg()}")
+
+
+#: Connections of the signed client beside the flood (and of its baseline).
+FLOOD_SIGNED_CONNECTIONS = 8
 
 
 async def soak(bench: Bench, seconds: float, conc: int, specs: list[RequestSpec], presign: int) -> None:
@@ -715,6 +913,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--profile", default=None, help="write a cProfile of the server (limits raised) to this file"
+    )
+    parser.add_argument(
+        "--flood-rate",
+        type=float,
+        default=None,
+        help="send the flood scenario's unsigned requests at this rate (default: closed loop)",
     )
     args = parser.parse_args()
     args.duration = float(parse_duration(args.duration))

@@ -127,7 +127,7 @@ class Service:
     """SeaweedFS and the API in this process (the API on a thread with its own event loop)."""
 
     def __init__(self, home: Path) -> None:
-        from exchange.seaweed import S3Credentials, SeaweedFS
+        from exchange.dev.seaweed import S3Credentials, SeaweedFS
 
         self.home = home
         self.credentials = S3Credentials.generate()

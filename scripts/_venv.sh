@@ -1,5 +1,6 @@
 # Sourced by scripts/run and scripts/test: make .venv and install the project into it.
 # Installs again only when pyproject.toml changed since the last install, so later runs are quick.
+# The argument names the extra: none (the client), server, dev (scripts/run) or test.
 # pip's chatter goes to .venv/install.log and is shown only when the install fails.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,10 +16,17 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 hash="$(sha256sum "$root/pyproject.toml" | cut -c1-16)"
 stamp="$venv/.installed-$hash${extras:+-$extras}"
-# An install with extras also satisfies a run that needs none.
-if [ -z "$extras" ] && compgen -G "$venv/.installed-$hash*" >/dev/null; then
-  stamp="$(compgen -G "$venv/.installed-$hash*" | head -n 1)"
-fi
+# Each extra includes the ones before it (test ⊃ dev ⊃ server ⊃ the client install), so an
+# install with a later extra satisfies a run that needs an earlier one.
+rank() { case "$1" in "") echo 0 ;; server) echo 1 ;; dev) echo 2 ;; test) echo 3 ;; *) echo 9 ;; esac; }
+for found in "$venv"/.installed-"$hash"*; do
+  [ -e "$found" ] || continue
+  have="${found#"$venv/.installed-$hash"}"
+  have="${have#-}"
+  if [ "$(rank "$have")" -ge "$(rank "$extras")" ] && [ "$(rank "$have")" -ne 9 ]; then
+    stamp="$found"
+  fi
+done
 if [ ! -f "$stamp" ]; then
   echo "installing exchange into .venv (details: .venv/install.log)..." >&2
   if ! { "$venv/bin/python" -m pip install --upgrade pip \

@@ -6,6 +6,7 @@ synchronous=FULL, so every commit is fsynced), then measures, at that size:
 
 - inclusion proofs of random leaves and consistency proofs between random sizes, each one
   query of O(log n) stored nodes plus the fold (p50/p99 over `--samples`);
+- the service's start check of the whole log (seconds);
 - one page of 100 events of one actor (of 1,000), pinned to the tree size, from a random
   cursor, with and without per-row inclusion proofs (p50/p99).
 
@@ -30,8 +31,11 @@ import asyncpg
 
 from exchange.db import Database, connect, migrate
 from exchange.format import merkle
+from exchange.format.checkpoint import Checkpoint
+from exchange.format.note import Signer, sign_note
 from exchange.services import auditlog
 from exchange.services.audit import Actor, AuditLog, Context, Entry
+from exchange.services.auditcheck import TreeCheck
 
 ACTIONS = [
     "artifact.download",
@@ -162,6 +166,18 @@ async def bench(db: Database, name: str, events: int, batch: int, samples: int) 
             )
             pages.append(time.perf_counter() - t)
         print(f"{name}: filtered page of {len(rows)} events by org+action+outcome: {_pct(pages)}")
+
+    # What the service's start check (services/auditcheck.py) costs at this size: every leaf
+    # re-hashed, every column and stored node compared, the checkpoint's root recomputed.
+    signer = Signer(log.origin, os.urandom(32))
+    note = sign_note(Checkpoint(log.origin, size, root).to_text(), [signer])
+    load = os.getloadavg()[0]
+    t = time.perf_counter()
+    await TreeCheck(log).start(db, (size, note), signer.verifier())
+    print(
+        f"{name}: the service's start check over {size:,} events: {time.perf_counter() - t:.1f} s"
+        f" (load average {load:.2f})"
+    )
 
 
 async def main() -> None:

@@ -24,13 +24,15 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp.test_utils import TestServer
+from aiohttp import web
+from yarl import URL
 
 from exchange.api.app import create_app
+from exchange.api.connections import start_site
 from exchange.client import Client
 from exchange.db import Database, connect, migrate
+from exchange.dev.seaweed import S3Credentials, SeaweedFS
 from exchange.identity import Identity
-from exchange.seaweed import S3Credentials, SeaweedFS
 from exchange.server import bootstrap_with_settings
 from exchange.settings import Settings
 
@@ -138,7 +140,7 @@ def make_settings(tmp_path: Path, database_url: str, seaweed: SeaweedFS, **overr
 class Stack:
     """A running app on a real TCP port, its database, and helpers to act as principals."""
 
-    def __init__(self, server: TestServer, settings: Settings, admin: Identity, tmp_path: Path) -> None:
+    def __init__(self, server: ServedApp, settings: Settings, admin: Identity, tmp_path: Path) -> None:
         self.server = server
         self.settings = settings
         self.admin = admin
@@ -196,9 +198,34 @@ async def start_stack(
     admin_path = tmp_path / "admin.identity"
     if not admin_path.exists():
         await bootstrap_with_settings(settings, identity_path=admin_path, name="admin", org_name="operators")
-    server = TestServer(create_app(settings, clock=clock), host="127.0.0.1")
+    server = ServedApp(create_app(settings, clock=clock), settings)
     await server.start_server()
     return Stack(server, settings, Identity.load(admin_path), tmp_path)
+
+
+class ServedApp:
+    """An app served the way `exchange serve` serves it (`api.connections.start_site`: the
+    connection guard, and the HTTP parser's refusals as problem details), on a free loopback
+    port; with the few members of aiohttp's TestServer that the tests use."""
+
+    def __init__(self, app: web.Application, settings: Settings, host: str = "127.0.0.1") -> None:
+        self.app = app
+        self.settings = settings
+        self.host = host
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    async def start_server(self) -> None:
+        self._runner, site = await start_site(self.app, self.settings, host=self.host, port=0)
+        self.port = site.port
+
+    def make_url(self, path: str) -> URL:
+        return URL.build(scheme="http", host=self.host, port=self.port, path=path)
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
 
 
 @pytest.fixture
@@ -299,12 +326,19 @@ class ServiceProcess:
         self.proc.wait(timeout=15)
 
 
-@pytest.fixture(scope="module")
-def served(seaweed: SeaweedFS, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+def serve_process(
+    seaweed: SeaweedFS, tmp_path_factory: pytest.TempPathFactory, **extra: str
+) -> Iterator[Served]:
+    """`exchange serve` with a first admin, for as long as the generator runs; `extra`: settings."""
     home = tmp_path_factory.mktemp("cli")
-    service = ServiceProcess(service_env(home, free_port(), seaweed))
+    service = ServiceProcess(service_env(home, free_port(), seaweed, **extra))
     admin = home / "admin.identity"
     service.init_admin(admin)
     service.start()
     yield Served(url=service.url, env=service.env, admin=admin, home=home)
     assert service.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def served(seaweed: SeaweedFS, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    yield from serve_process(seaweed, tmp_path_factory)

@@ -1,8 +1,10 @@
-"""exchange.seaweed against real `weed mini` processes (no mocks).
+"""exchange.dev.seaweed against real `weed mini` processes (no mocks).
 
 Besides the launcher itself, these tests pin down how SeaweedFS treats authentication, presigned
 URL expiry and presigned uploads bound to a length and a SHA-256 checksum, which the storage layer
 relies on. The statuses and error codes asserted here are the ones SeaweedFS 4.48 returns.
+The attacks on weed's other ports (filer, volume server, master, gRPC) are in
+tests/hostile/test_storage_ports.py; here are the keys that lock them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import socket
 import stat
 import sys
 import time
+import tomllib
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,7 +29,8 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from exchange.seaweed import REGION, S3Credentials, SeaweedFS, SeaweedStartError
+from exchange.dev import seaweed as seaweed_module
+from exchange.dev.seaweed import REGION, S3Credentials, SeaweedFS, SeaweedStartError
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -416,4 +420,64 @@ def test_a_taken_port_fails_start_with_the_log_tail(make_weed: Callable[..., Sea
     assert isinstance(caught.value, RuntimeError)
     assert "exited" in message and f"{port}" in message and "not available" in message
     assert instance.credentials.secret_access_key not in message
+    assert not instance.running
+
+
+# -- keys for the internal ports -------------------------------------------------------------------
+
+
+def _jwt_keys(instance: SeaweedFS) -> dict[str, str]:
+    config = tomllib.loads((instance.data_dir / "security.toml").read_text())
+    jwt = config["jwt"]
+    return {
+        "volume write": jwt["signing"]["key"],
+        "volume read": jwt["signing"]["read"]["key"],
+        "filer write": jwt["filer_signing"]["key"],
+        "filer read": jwt["filer_signing"]["read"]["key"],
+    }
+
+
+def test_internal_keys_are_private_new_at_each_start_and_never_logged(
+    make_weed: Callable[..., SeaweedFS],
+) -> None:
+    instance = make_weed("keys")
+    instance.start()
+    instance.ensure_bucket(BUCKET)
+    body = os.urandom(5000)
+    instance.client().put_object(Bucket=BUCKET, Key="kept", Body=body)
+
+    assert stat.S_IMODE(instance.data_dir.stat().st_mode) == 0o700
+    for name in ("security.toml", "grpc-key.pem", "s3-identities.json"):
+        assert stat.S_IMODE((instance.data_dir / name).stat().st_mode) == 0o600, name
+    first = _jwt_keys(instance)
+    assert all(len(bytes.fromhex(key)) == 32 for key in first.values())
+    assert len(set(first.values())) == 4
+    first_tls_key = (instance.data_dir / "grpc-key.pem").read_bytes()
+
+    # A crash and a restart: fresh keys and certificate, and the objects written before are served.
+    instance.kill()
+    instance.restart()
+    second = _jwt_keys(instance)
+    assert set(first.values()).isdisjoint(second.values())
+    assert (instance.data_dir / "grpc-key.pem").read_bytes() != first_tls_key
+    assert instance.client().get_object(Bucket=BUCKET, Key="kept")["Body"].read() == body
+
+    log = instance.log_path.read_text()
+    assert "-config_dir=" in log and "-disableHttp" in log
+    for key in (*first.values(), *second.values()):
+        assert key not in log
+
+
+def test_a_grpc_port_left_without_tls_fails_start(
+    make_weed: Callable[..., SeaweedFS], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """weed serves plaintext gRPC for any service whose certificate it does not find; start() refuses."""
+    without_s3 = tuple(name for name in seaweed_module._GRPC_COMPONENTS if name != "s3")
+    monkeypatch.setattr(seaweed_module, "_GRPC_COMPONENTS", without_s3)
+    instance = make_weed("open")
+    with pytest.raises(SeaweedStartError) as caught:
+        instance.start()
+    assert f"the s3 gRPC port {instance.ports['s3.grpc']} accepts clients without a certificate" in str(
+        caught.value
+    )
     assert not instance.running

@@ -86,3 +86,98 @@ def test_parse_duration_refuses(text: str) -> None:
 
 def test_format_duration() -> None:
     assert [format_duration(s) for s in (86400, 5400, 61, 0)] == ["1d", "90m", "61s", "0s"]
+
+
+# -- list settings: parsed once, on loading ------------------------------------------------------
+
+LISTS = ("witness_urls", "witness_vkeys", "finding_clearinghouse")
+
+
+def test_list_settings_default_to_empty_tuples() -> None:
+    s = Settings.from_mapping({})
+    assert all(getattr(s, name) == () for name in LISTS)
+
+
+def test_a_comma_string_from_the_environment_is_a_tuple() -> None:
+    s = Settings.from_mapping(
+        {
+            "EXCHANGE_WITNESS_URLS": "https://w1.example, https://w2.example/witness",
+            "EXCHANGE_WITNESS_VKEYS": "w1+abcd+AAAA,w2+ef01+BBBB",
+            "EXCHANGE_FINDING_CLEARINGHOUSE": "clara",
+        }
+    )
+    assert s.witness_urls == ("https://w1.example", "https://w2.example/witness")
+    assert s.witness_vkeys == ("w1+abcd+AAAA", "w2+ef01+BBBB")
+    assert s.finding_clearinghouse == ("clara",)
+
+
+def test_a_toml_array_from_the_file_is_a_tuple(tmp_path: Path) -> None:
+    config = tmp_path / "exchange.toml"
+    config.write_text(
+        'witness_urls = ["https://w1.example", " https://w2.example "]\n'
+        'finding_clearinghouse = ["clara", "", "clearing,house"]\n'
+        'witness_vkeys = "w1+abcd+AAAA, w2+ef01+BBBB"\n'  # a string in the file is split as in the env
+    )
+    s = Settings.from_mapping({"EXCHANGE_CONFIG": str(config)})
+    assert s.witness_urls == ("https://w1.example", "https://w2.example")
+    assert s.finding_clearinghouse == ("clara", "clearing,house")  # an array item is not split again
+    assert s.witness_vkeys == ("w1+abcd+AAAA", "w2+ef01+BBBB")
+    # The environment still wins over the file, whole: the lists are not merged.
+    s = Settings.from_mapping({"EXCHANGE_CONFIG": str(config), "EXCHANGE_FINDING_CLEARINGHOUSE": "carl"})
+    assert s.finding_clearinghouse == ("carl",)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [" clara ,, carl ,", ",clara,carl", "clara,\tcarl\n", " , clara , , carl , "],
+)
+def test_whitespace_and_empty_items_are_dropped(text: str) -> None:
+    assert Settings.from_mapping({"EXCHANGE_FINDING_CLEARINGHOUSE": text}).finding_clearinghouse == (
+        "clara",
+        "carl",
+    )
+
+
+@pytest.mark.parametrize("blank", ["", " ", ",", " , ,"])
+def test_a_blank_list_is_empty(blank: str) -> None:
+    assert Settings.from_mapping({"EXCHANGE_WITNESS_VKEYS": blank}).witness_vkeys == ()
+
+
+@pytest.mark.parametrize(
+    "toml",
+    [
+        "witness_urls = [1, 2]",
+        'witness_urls = ["https://w.example", 2]',
+        "witness_vkeys = [true]",
+        'finding_clearinghouse = [["clara"]]',
+        'finding_clearinghouse = [{name = "clara"}]',
+        "finding_clearinghouse = 7",
+        'finding_clearinghouse = {name = "clara"}',
+    ],
+)
+def test_items_that_are_not_strings_are_refused(toml: str, tmp_path: Path) -> None:
+    config = tmp_path / "exchange.toml"
+    config.write_text(toml + "\n")
+    name = toml.split(" ")[0]
+    with pytest.raises(ValidationError) as err:
+        Settings.from_mapping({"EXCHANGE_CONFIG": str(config)})
+    assert (
+        err.value.message.startswith(f"setting {name}: cannot use") and "list of strings" in err.value.message
+    )
+
+
+@pytest.mark.parametrize("value", ["https://w.example", ["https://w.example"], ("https://w.example", 3)])
+def test_the_constructor_takes_only_tuples_of_strings(value: object) -> None:
+    # A string would otherwise be taken letter by letter: "h", "t", "t", ...
+    with pytest.raises(ValidationError, match="witness_urls must be a tuple of strings"):
+        Settings(witness_urls=value)  # type: ignore[arg-type]
+    assert Settings(witness_urls=("https://w.example",)).witness_urls == ("https://w.example",)
+
+
+def test_witness_urls_are_still_checked_item_by_item(tmp_path: Path) -> None:
+    config = tmp_path / "exchange.toml"
+    config.write_text('witness_urls = ["https://w.example", "ftp://w.example"]\n')
+    with pytest.raises(ValidationError, match="setting witness_urls must be an http"):
+        Settings.from_mapping({"EXCHANGE_CONFIG": str(config)})
+    with pytest.raises(ValidationError, match=r"setting witness_urls: .* private"):
+        Settings(witness_urls=("https://w.example", "http://127.0.0.1:8090"))

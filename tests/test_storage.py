@@ -13,8 +13,8 @@ from dataclasses import replace
 
 import pytest
 
+from exchange.dev.seaweed import SeaweedFS
 from exchange.errors import NotFound, StorageUnavailable
-from exchange.seaweed import SeaweedFS
 from exchange.storage import PresignedRequest, Storage, new_object_key
 from tests.conftest import BUCKET
 

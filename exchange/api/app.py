@@ -4,7 +4,8 @@
 every resource (database, storage client, background tasks). The pipeline middleware gives each
 request an id and an audit context, enforces the body limit, authenticates (unless the route
 says otherwise), parses and validates the JSON body against the route's schema, and turns every
-error into a problem detail — recording each refusal in the audit log.
+error into a problem detail — accounting for each refusal through `api.refusals`, which also
+answers 429 up front to a source that has spent its budget of refused unauthenticated requests.
 """
 
 from __future__ import annotations
@@ -13,21 +14,20 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 from aiohttp import web
 
-from ..db import Database, connect, migrate
-from ..errors import DependencyError, ExchangeError, PayloadTooLarge
-from ..services.audit import AuditLog, Context, Outcome
+from ..errors import BodyTimeout, ExchangeError, PayloadTooLarge, RateLimited, ValidationError
+from ..services.audit import AuditLog, Context
 from ..settings import Settings
-from ..storage import Storage
-from . import artifacts, audit, findings, health, links, principals, uploadlinks
-from .auth import authenticate, purge_nonces
-from .keys import AUDIT, CLOCK, DB, OPENAPI, SETTINGS, STORAGE, VALIDATORS
+from . import artifacts, audit, findings, health, links, principals, refusals, uploadlinks
+from .auth import authenticate
+from .keys import AUDIT, CLOCK, OPENAPI, SETTINGS, VALIDATORS
+from .lifetime import lifetime
 from .openapi import build_document
 from .problems import from_exchange_error, from_http_exception, internal_error, problem_response
-from .routing import BODY, CTX, PRINCIPAL, ROUTE, Handler, Route, running
+from .routing import BODY, CTX, PRINCIPAL, ROUTE, Handler, Route
 from .schemas import Schema
 from .validation import BodyValidator, parse_json_object
 
@@ -69,36 +69,19 @@ def _request_context(request: web.Request) -> Context:
     return Context(ip=request.remote, user_agent=ua[:_MAX_HEADER_ECHO] if ua else None, request_id=supplied)
 
 
-async def _record_refusal(request: web.Request, route: Route | None, code: str, status: int) -> None:
-    """A refused request changes nothing but the log: one event, in a transaction of its own.
-
-    The event names the route's template, never the path as sent: paths may carry capabilities.
-    """
-    app = request.app
-    ctx = request[CTX]
-    outcome: Outcome = "error" if status >= 500 else "denied"
-    details = {"method": request.method[:16], "route": route.path if route else None, "status": status}
-    try:
-        async with app[DB].transaction() as conn:
-            await app[AUDIT].append(
-                conn,
-                ctx,
-                action=route.audit_action if route else "http.request",
-                outcome=outcome,
-                reason=code,
-                details=details,
-            )
-    except DependencyError:
-        log.warning("could not record refusal %s of request %s: database unavailable", code, ctx.request_id)
-
-
 async def _read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes")
+    # The whole body within one deadline, not per chunk: a client sending a byte a second would
+    # otherwise hold its connection (and this task) for as long as it likes.
+    timeout_s = request.app[SETTINGS].http_body_timeout_s
     try:
-        return await request.read()
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes") from exc
+    except TimeoutError as exc:
+        raise BodyTimeout(f"the request body did not arrive within {timeout_s:g} s; send it faster") from exc
 
 
 @web.middleware
@@ -112,6 +95,7 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
         else None
     )
     try:
+        await refusals.gate(request, route)  # before the body, the signature and the database
         if route is None:
             response = await handler(request)  # aiohttp's own 404/405 handlers
         else:
@@ -120,6 +104,7 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
             if route.auth == "signature":
                 principal = await authenticate(request)
                 request[PRINCIPAL] = principal
+                refusals.signed_from(request, principal.key_id)
                 request[CTX] = ctx = Context(
                     actor=principal.actor, ip=ctx.ip, user_agent=ctx.user_agent, request_id=ctx.request_id
                 )
@@ -129,13 +114,15 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
                 request[BODY] = parsed
             response = await handler(request)
     except ExchangeError as exc:
-        await _record_refusal(request, route, exc.audit_reason, exc.status)
-        response = problem_response(from_exchange_error(exc, ctx.request_id))
+        await refusals.record(request, route, exc.audit_reason, exc.status)
+        retry = exc.extra.get("retry_after_s") if isinstance(exc, RateLimited) else None
+        headers = {"Retry-After": str(retry)} if retry is not None else None
+        response = problem_response(from_exchange_error(exc, ctx.request_id), headers=headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         problem = from_http_exception(exc, ctx.request_id)
-        await _record_refusal(request, route, problem["code"], exc.status)
+        await refusals.record(request, route, problem["code"], exc.status)
         # Keep what the refusal must carry (RFC 9110: a 405 lists the allowed methods in Allow).
         kept = {k: v for k, v in exc.headers.items() if k in ("Allow",)}
         response = problem_response(problem, headers=kept)
@@ -149,44 +136,9 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
     return response
 
 
-async def _resources(app: web.Application) -> AsyncIterator[None]:
-    """Open every shared resource on start-up and close it on shutdown, in reverse order."""
-    settings = app[SETTINGS]
-    db: Database = await connect(settings.effective_database_url)
-    try:
-        await migrate(db)
-        app[DB] = db
-        storage = Storage(
-            endpoint=settings.s3_endpoint,
-            public_endpoint=settings.effective_s3_public_endpoint,
-            region=settings.s3_region,
-            bucket=settings.s3_bucket,
-            access_key_id=settings.s3_access_key_id,
-            secret_access_key=settings.s3_secret_access_key,
-            timeout_s=settings.storage_timeout_s,
-        )
-        app[STORAGE] = storage
-        try:
-            async with running(_purge_nonces_forever(app)):
-                yield
-        finally:
-            await storage.close()
-    finally:
-        await db.close()
-
-
-async def _purge_nonces_forever(app: web.Application, interval_s: float = 60.0) -> None:
-    while True:
-        await asyncio.sleep(interval_s)
-        try:
-            await purge_nonces(app[DB], app[CLOCK]())
-        except DependencyError:
-            log.warning("nonce purge skipped: database unavailable")
-
-
 def create_app(settings: Settings, *, clock: Callable[[], int] = system_clock) -> web.Application:
     if not settings.s3_endpoint:
-        raise ValueError("settings.s3_endpoint is empty: the service needs an S3 store")
+        raise ValidationError("settings.s3_endpoint is empty: the service needs an S3 store")
     app = web.Application(middlewares=[pipeline], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[CLOCK] = clock
@@ -199,8 +151,5 @@ def create_app(settings: Settings, *, clock: Callable[[], int] = system_clock) -
         app.router.add_route(route.method, route.path, route.handler)
         by_resource[(route.method, route.path)] = route
     app[_ROUTE_BY_HANDLER] = by_resource
-    app.cleanup_ctx.append(_resources)
-    app.cleanup_ctx.append(artifacts.sweep_abandoned_uploads)  # after _resources: it needs them
-    app.cleanup_ctx.append(audit.publisher_ctx)  # after _resources: it needs the database
-    app.cleanup_ctx.append(links.rate_limits)
+    app.cleanup_ctx.append(lifetime)  # everything opened, run and closed: api/lifetime.py
     return app

@@ -1,16 +1,14 @@
 """Handlers for artifacts: start an upload, part URLs, resume, complete, abort, list, download.
 
 Bytes never pass through here: uploads and downloads go to storage through presigned URLs. The
-handlers parse, call `services.artifacts`, and serialise; what may happen is decided there.
+handlers parse, call `services.uploads` (the multipart lifecycle) or `services.artifacts` (the
+catalogue), and serialise; what may happen is decided there.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -18,7 +16,7 @@ from aiohttp import web
 from ..errors import DependencyError, ValidationError
 from ..format.manifest import KINDS, MANIFEST_TYPE, MAX_PARTS, check_path
 from ..services import artifacts as svc
-from ..services import findings, uploadlinks
+from ..services import findings, records, uploadlinks, uploads
 from ..settings import Settings
 from .keys import AUDIT, CLOCK, DB, SETTINGS, STORAGE
 from .routing import (
@@ -29,33 +27,21 @@ from .routing import (
     page_limit,
     path_param,
     query_param,
-    running,
     time_cursor,
     time_page,
 )
 from .schemas import INT, STR, Schema, name_schema, obj
+from .validation import b64decode_field, b64encode
 
-__all__ = ["ROUTES", "schemas"]
+__all__ = ["ROUTES", "schemas", "sweep_forever", "sweep_once"]
 
 log = logging.getLogger("exchange.api")
 
 _STATUSES = ("uploading", "complete", "aborted")
 
 
-def _b64(value: str, field: str) -> bytes:
-    try:
-        raw = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValidationError(f"field {field!r} is not base64", field=field) from None
-    return raw
-
-
-def _b64s(raw: bytes) -> str:
-    return base64.b64encode(raw).decode("ascii")
-
-
-def _limits(settings: Settings) -> svc.Limits:
-    return svc.Limits(
+def _limits(settings: Settings) -> uploads.Limits:
+    return uploads.Limits(
         min_part_bytes=settings.upload_min_part_bytes,
         max_files=settings.artifact_max_files,
         max_bytes=settings.artifact_max_bytes,
@@ -63,13 +49,13 @@ def _limits(settings: Settings) -> svc.Limits:
     )
 
 
-def _detail(artifact: svc.Artifact, files: list[svc.ArtifactFile]) -> dict[str, Any]:
+def _detail(artifact: records.Artifact, files: list[records.ArtifactFile]) -> dict[str, Any]:
     data = artifact.to_json() | {"files": [f.to_json() for f in files]}
-    signed = svc.manifest_of(artifact)
+    signed = records.manifest_of(artifact)
     if signed is not None:
         manifest, signature = signed
         data["manifest"] = manifest.to_json()
-        data["manifest_signature"] = _b64s(signature)
+        data["manifest_signature"] = b64encode(signature)
     return data
 
 
@@ -80,10 +66,12 @@ async def create_artifact(request: web.Request) -> web.Response:
         raise ValidationError("field 'name' must not contain '/'", field="name")
     check_path(name)
     files = [
-        svc.FileDeclaration(path=f["path"], size=f["size"], nonce=_b64(f["nonce"], "files[].nonce"))
+        uploads.FileDeclaration(
+            path=f["path"], size=f["size"], nonce=b64decode_field(f["nonce"], "files[].nonce")
+        )
         for f in body["files"]
     ]
-    headers = {h["principal"]: _b64(h["header"], "headers[].header") for h in body["headers"]}
+    headers = {h["principal"]: b64decode_field(h["header"], "headers[].header") for h in body["headers"]}
     if len(headers) != len(body["headers"]):
         raise ValidationError("two headers name the same principal")
     now = app[CLOCK]()
@@ -99,11 +87,11 @@ async def create_artifact(request: web.Request) -> web.Response:
             request[PRINCIPAL],
             body["finding"]["on"],
             body["finding"]["part"],
-            clearinghouse=settings.finding_clearinghouse_names,
+            clearinghouse=settings.finding_clearinghouse,
             body_max_bytes=settings.finding_body_max_bytes,
             now_ms=now,
         )
-    artifact, created = await svc.create(
+    artifact, created = await uploads.create(
         app[DB],
         app[AUDIT],
         request[CTX],
@@ -148,7 +136,7 @@ async def get_artifact(request: web.Request) -> web.Response:
 
 async def abort_upload(request: web.Request) -> web.Response:
     app = request.app
-    artifact = await svc.abort(
+    artifact = await uploads.abort(
         app[DB],
         app[STORAGE],
         app[AUDIT],
@@ -165,12 +153,12 @@ async def part_urls(request: web.Request) -> web.Response:
     settings = app[SETTINGS]
     wanted = []
     for p in request[BODY]["parts"]:
-        digest = _b64(p["sha256"], "parts[].sha256")
+        digest = b64decode_field(p["sha256"], "parts[].sha256")
         if len(digest) != 32:
             raise ValidationError("field 'parts[].sha256' must be a 32-byte SHA-256", field="parts[].sha256")
         wanted.append((p["file"], p["number"], digest))
     now = app[CLOCK]()
-    urls = await svc.issue_part_urls(
+    urls = await uploads.issue_part_urls(
         app[DB],
         app[STORAGE],
         app[AUDIT],
@@ -201,7 +189,7 @@ async def part_urls(request: web.Request) -> web.Response:
 
 async def upload_status(request: web.Request) -> web.Response:
     app = request.app
-    artifact, files, digests, stored = await svc.upload_status(
+    artifact, files, digests, stored = await uploads.upload_status(
         app[DB], app[STORAGE], request[PRINCIPAL], request.match_info["id"]
     )
     return web.json_response(
@@ -214,7 +202,8 @@ async def upload_status(request: web.Request) -> web.Response:
                     "index": f.idx,
                     "path": f.path,
                     "recorded": [
-                        {"number": n, "sha256": _b64s(d)} for n, d in sorted(digests.get(f.idx, {}).items())
+                        {"number": n, "sha256": b64encode(d)}
+                        for n, d in sorted(digests.get(f.idx, {}).items())
                     ],
                     "stored": [{"number": p.number, "size": p.size} for p in stored.get(f.idx, [])],
                 }
@@ -226,7 +215,7 @@ async def upload_status(request: web.Request) -> web.Response:
 
 async def complete_upload(request: web.Request) -> web.Response:
     app, body = request.app, request[BODY]
-    artifact = await svc.complete(
+    artifact = await uploads.complete(
         app[DB],
         app[STORAGE],
         app[AUDIT],
@@ -234,7 +223,7 @@ async def complete_upload(request: web.Request) -> web.Response:
         request[PRINCIPAL],
         request.match_info["id"],
         manifest_json=body["manifest"],
-        signature=_b64(body["signature"], "signature"),
+        signature=b64decode_field(body["signature"], "signature"),
         now_ms=app[CLOCK](),
     )
     return web.json_response(artifact.to_json())
@@ -245,7 +234,7 @@ async def get_header(request: web.Request) -> web.Response:
     artifact, header = await svc.get_header(
         app[DB], app[AUDIT], request[CTX], request[PRINCIPAL], request.match_info["id"], now_ms=app[CLOCK]()
     )
-    return web.json_response({"artifact": artifact.id, "header": _b64s(header)})
+    return web.json_response({"artifact": artifact.id, "header": b64encode(header)})
 
 
 async def download(request: web.Request) -> web.Response:
@@ -265,7 +254,7 @@ async def download(request: web.Request) -> web.Response:
     data = _detail(artifact, files)
     for entry, f in zip(data["files"], files, strict=True):
         entry["url"] = urls[f.idx]
-        entry["part_sha256"] = [_b64s(digests[f.idx][n]) for n in range(1, f.part_count + 1)]
+        entry["part_sha256"] = [b64encode(digests[f.idx][n]) for n in range(1, f.part_count + 1)]
     data["expires_at_ms"] = now + settings.presign_ttl_s * 1000
     data["expires_in_s"] = settings.presign_ttl_s
     return web.json_response(data)
@@ -581,15 +570,9 @@ def schemas(settings: Settings) -> dict[str, Schema]:
 # -- the sweeper ----------------------------------------------------------------------------------
 
 
-async def sweep_abandoned_uploads(app: web.Application) -> AsyncIterator[None]:
-    """Cleanup context: abort uploads left unfinished longer than `upload_abandon_after_s`."""
-    async with running(_sweep_forever(app)):
-        yield
-
-
 async def sweep_once(app: web.Application) -> list[str]:
     settings = app[SETTINGS]
-    return await svc.sweep_abandoned(
+    return await uploads.sweep_abandoned(
         app[DB],
         app[STORAGE],
         app[AUDIT],
@@ -598,7 +581,9 @@ async def sweep_once(app: web.Application) -> list[str]:
     )
 
 
-async def _sweep_forever(app: web.Application) -> None:
+async def sweep_forever(app: web.Application) -> None:
+    """The background task that aborts uploads left unfinished longer than
+    `upload_abandon_after_s` (api/lifetime.py runs it)."""
     interval = app[SETTINGS].upload_sweep_interval_s
     while True:
         await asyncio.sleep(interval)

@@ -5,35 +5,41 @@ filtered queries are themselves recorded as `audit.export` and `audit.query` eve
 checkpoints and proofs are not, since they reveal nothing about events and verifiers fetch them
 all the time. A filtered query can show what matched, with inclusion proofs, but never that
 nothing else did: only a full-range export proves completeness.
+
+Before the app serves anything, the publisher checks the whole stored log
+(`services.auditcheck`); a damaged log does not stop the service from starting, it makes it
+fail closed: writes answer 503 `audit-log-damaged`, `/readyz` names it, no checkpoint is signed.
+A mismatch a read finds (a row whose column contradicts its leaf, a missing tree node) does the
+same, and that read answers 503 too instead of serving the row.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import dataclasses
+import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 
 from aiohttp import web
 
-from ..errors import NotFound, ValidationError
+from ..errors import AuditLogDamaged, NotFound, ValidationError
 from ..format.note import Signer
 from ..services import auditlog as svc
+from ..services import auditreads as reads
 from ..services.principals import require_role
 from ..settings import Settings
 from .keys import AUDIT, CLOCK, DB, SETTINGS
-from .routing import CTX, PRINCIPAL, Route, path_param, query_param, running
+from .routing import CTX, PRINCIPAL, Route, path_param, query_param
 from .schemas import INT, STR, Schema, obj
 
-__all__ = ["PUBLISHER", "ROUTES", "publisher_ctx", "schemas"]
+__all__ = ["PUBLISHER", "ROUTES", "SIGNER", "schemas", "start_publisher"]
 
 log = logging.getLogger("exchange.api")
 
 SIGNER = web.AppKey("log_signer", Signer)
 PUBLISHER = web.AppKey("log_publisher", svc.Publisher)
-_AUDITOR_ROLES = ("auditor", "admin")
+_AUDITOR_ROLES = reads.AUDITOR_ROLES
 _OUTCOMES = ("allowed", "denied", "error")
 #: "<checkpoint size>.<idx of the last row returned>": every page stays pinned to one checkpoint.
 _CURSOR = re.compile(r"([0-9]{1,19})\.([0-9]{1,19})")
@@ -41,17 +47,26 @@ _CURSOR = re.compile(r"([0-9]{1,19})\.([0-9]{1,19})")
 _MAX_INT = 2**63 - 1
 
 
-async def publisher_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Load (or create) the log key and run the checkpoint publisher; after `_resources` opened the DB."""
+async def start_publisher(app: web.Application, signer: Signer) -> svc.Publisher:
+    """The checkpoint publisher, after the log's start check (api/lifetime.py runs it)."""
     settings = app[SETTINGS]
-    signer = await asyncio.to_thread(
-        svc.load_or_create_signer, settings.effective_log_signing_key_file, settings.log_origin
-    )
     app[SIGNER] = signer
     log.info("audit log verifier key: %s", signer.verifier_key())
     publisher = app[PUBLISHER] = svc.Publisher(app[DB], app[AUDIT], signer, settings, app[CLOCK])
-    async with running(publisher.run_forever()):
+    # A damaged log is no reason not to start: the service runs failed closed and says why.
+    with contextlib.suppress(AuditLogDamaged):
+        await publisher.check_at_start()
+    return publisher
+
+
+@contextlib.contextmanager
+def _fail_closed(app: web.Application) -> Iterator[None]:
+    """What a read finds wrong with the stored log stops this process's appends, as the checks do."""
+    try:
         yield
+    except AuditLogDamaged as exc:
+        app[AUDIT].fail_closed(exc)
+        raise
 
 
 def _int(request: web.Request, name: str, default: int | None = None) -> int:
@@ -79,7 +94,7 @@ async def vkey(request: web.Request) -> web.Response:
         {
             "origin": settings.log_origin,
             "vkey": request.app[SIGNER].verifier_key(),
-            "witness_vkeys": [v.strip() for v in settings.witness_vkeys.split(",") if v.strip()],
+            "witness_vkeys": list(settings.witness_vkeys),
             "witness_quorum": settings.witness_quorum,
         }
     )
@@ -105,43 +120,37 @@ async def get_checkpoint_at(request: web.Request) -> web.Response:
 
 
 async def inclusion_proof(request: web.Request) -> web.Response:
-    require_role(request[PRINCIPAL], *_AUDITOR_ROLES)
     index, size = _int(request, "index"), _int(request, "size")
-    async with request.app[DB].read() as conn:
-        proofs = await svc.inclusion_proofs(conn, [index], size)
-    return web.json_response({"index": index, "size": size, "proof": _b64(proofs[index])})
+    with _fail_closed(request.app):
+        proof = await reads.inclusion_proof(request.app[DB], request[PRINCIPAL], index=index, size=size)
+    return web.json_response({"index": index, "size": size, "proof": _b64(proof)})
 
 
 async def consistency_proof(request: web.Request) -> web.Response:
-    require_role(request[PRINCIPAL], *_AUDITOR_ROLES)
     old, new = _int(request, "old"), _int(request, "new")
-    async with request.app[DB].read() as conn:
-        proof = await svc.consistency_proof(conn, old, new)
+    with _fail_closed(request.app):
+        proof = await reads.consistency_proof(request.app[DB], request[PRINCIPAL], old=old, new=new)
     return web.json_response({"old": old, "new": new, "proof": _b64(proof)})
 
 
 async def entries(request: web.Request) -> web.StreamResponse:
     """The exact leaves of [start, end) as JSON Lines: one canonical event per line."""
     app = request.app
-    require_role(request[PRINCIPAL], *_AUDITOR_ROLES)
     start, end = _int(request, "start"), _int(request, "end")
-    limit = app[SETTINGS].audit_export_max_entries
-    if start > end:
-        raise ValidationError("start must not be after end", field="start")
-    if end - start > limit:
-        raise ValidationError(f"at most {limit} entries per request; page through longer ranges", field="end")
-    async with app[DB].transaction() as conn:
-        size = await svc.tree_size(conn)
-        if end > size:
-            raise ValidationError(f"the log has {size} events, fewer than end {end}", field="end")
-        await app[AUDIT].append(
-            conn, request[CTX], action="audit.export", details={"start": start, "end": end}
-        )
+    await reads.begin_export(
+        app[DB],
+        app[AUDIT],
+        request[CTX],
+        request[PRINCIPAL],
+        start=start,
+        end=end,
+        limit=app[SETTINGS].audit_export_max_entries,
+    )
     response = web.StreamResponse(headers={"Content-Type": "application/jsonl"})
     response.headers["X-Request-Id"] = request[CTX].request_id or ""
     await response.prepare(request)
     chunk: list[bytes] = []
-    async for leaf in svc.read_entries(app[DB], start, end):
+    async for leaf in reads.export_entries(app[DB], app[AUDIT], start=start, end=end):
         chunk.append(leaf + b"\n")
         if len(chunk) >= 1000:
             await response.write(b"".join(chunk))
@@ -178,7 +187,6 @@ def _filter(request: web.Request) -> svc.Filter:
 async def query_events(request: web.Request) -> web.Response:
     """One page of matching events, pinned to a checkpoint size; optionally with inclusion proofs."""
     app = request.app
-    require_role(request[PRINCIPAL], *_AUDITOR_ROLES)
     settings = app[SETTINGS]
     limit = _int(request, "limit", settings.page_size_default)
     if not 1 <= limit <= settings.page_size_max:
@@ -186,47 +194,38 @@ async def query_events(request: web.Request) -> web.Response:
             f"query parameter 'limit' must be between 1 and {settings.page_size_max}", field="limit"
         )
     where = _filter(request)
-    after = -1
+    after, size = -1, None
     if "cursor" in request.query:
         cursor = _CURSOR.fullmatch(request.query["cursor"])
         if cursor is None or max(int(cursor.group(1)), int(cursor.group(2))) > _MAX_INT:
             raise ValidationError("the cursor is not one this service issued", field="cursor")
         size, after = int(cursor.group(1)), int(cursor.group(2))
-        note = await svc.checkpoint_at(app[DB], size)
     elif "size" in request.query:
         size = _int(request, "size")
-        note = await svc.checkpoint_at(app[DB], size)
-    else:
-        latest = await svc.latest_checkpoint(app[DB])
-        size, note = latest if latest else (0, None)
-    if note is None:
-        raise NotFound(f"no checkpoint was published at size {size}: queries are pinned to a checkpoint")
-    if where.actor_id:
-        where = dataclasses.replace(where, actor_id=await svc.actor_id(app[DB], where.actor_id))
     with_proofs = request.query.get("proofs") in ("1", "true")
-    async with app[DB].read() as conn:
-        rows = await svc.query(conn, where, size=size, after=after, limit=limit + 1)
-        more = len(rows) > limit
-        rows = rows[:limit]
-        proofs = await svc.inclusion_proofs(conn, [i for i, _ in rows], size) if with_proofs else {}
-    async with app[DB].transaction() as conn:
-        await app[AUDIT].append(
-            conn,
+    with _fail_closed(app):
+        page = await reads.query_page(
+            app[DB],
+            app[AUDIT],
             request[CTX],
-            action="audit.query",
-            details=where.to_json() | {"size": size, "after": after, "returned": len(rows)},
+            request[PRINCIPAL],
+            where,
+            size=size,
+            after=after,
+            limit=limit,
+            with_proofs=with_proofs,
         )
     items = []
-    for idx, leaf in rows:
+    for idx, leaf in page.rows:
         item: dict[str, object] = {"idx": idx, "leaf": leaf.decode("utf-8")}
         if with_proofs:
-            item["proof"] = _b64(proofs[idx])
+            item["proof"] = _b64(page.proofs[idx])
         items.append(item)
     return web.json_response(
         {
-            "checkpoint": _checkpoint_json(size, note),
+            "checkpoint": _checkpoint_json(page.size, page.note),
             "items": items,
-            "next_cursor": f"{size}.{rows[-1][0]}" if more else None,
+            "next_cursor": page.next_cursor,
         }
     )
 

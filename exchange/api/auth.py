@@ -41,13 +41,12 @@ from ..db import Database
 from ..errors import (
     BadSignature,
     ClockSkew,
-    Conflict,
     DigestMismatch,
     InputError,
     MissingSignature,
-    ReplayedNonce,
     UnknownKey,
 )
+from ..services import nonces
 from ..services.principals import Principal, principal_by_key_id
 from .keys import CLOCK, DB, SETTINGS
 
@@ -159,20 +158,8 @@ async def verify_request(
     except HTTPMessageSignaturesException as exc:
         raise DigestMismatch("the body does not match its Content-Digest header") from exc
 
-    try:
-        await db.execute(
-            "INSERT INTO seen_nonces (key_id, nonce, expires_at_ms) VALUES ($1, $2, $3)",
-            key_id,
-            nonce,
-            created * 1000 + 2 * max_skew_s * 1000,
-        )
-    except Conflict as exc:
-        raise ReplayedNonce("this signature's nonce was already used; sign every request anew") from exc
+    await nonces.record(db, key_id, nonce, expires_at_ms=created * 1000 + 2 * max_skew_s * 1000)
     return SignedRequest(key_id=key_id, created=created, nonce=nonce)
-
-
-async def purge_nonces(db: Database, now_ms: int) -> int:
-    return await db.execute("DELETE FROM seen_nonces WHERE expires_at_ms < $1", now_ms)
 
 
 # -- aiohttp glue ---------------------------------------------------------------------------------

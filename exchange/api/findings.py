@@ -6,8 +6,6 @@ A finding's body and attachments are uploaded first as artifacts (`POST /v1/arti
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Any
 
 from aiohttp import web
@@ -18,15 +16,9 @@ from ..settings import Settings
 from .keys import AUDIT, CLOCK, DB, SETTINGS
 from .routing import BODY, CTX, PRINCIPAL, Route, page_limit, path_param, query_param, time_cursor, time_page
 from .schemas import INT, STR, Schema, name_schema, obj
+from .validation import b64decode_field
 
 __all__ = ["ROUTES", "schemas"]
-
-
-def _b64(value: str, field: str) -> bytes:
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValidationError(f"field {field!r} is not base64", field=field) from None
 
 
 def _detail(finding: svc.Finding, moves: list[svc.Move]) -> dict[str, Any]:
@@ -39,7 +31,7 @@ async def finding_recipients(request: web.Request) -> web.Response:
         app[DB],
         request[PRINCIPAL],
         request.match_info["id"],
-        clearinghouse=app[SETTINGS].finding_clearinghouse_names,
+        clearinghouse=app[SETTINGS].finding_clearinghouse,
         now_ms=app[CLOCK](),
     )
     items = [{"name": name, "age_recipient": r, "why": why} for name, (r, why) in sorted(found.items())]
@@ -101,7 +93,7 @@ async def move_finding(request: web.Request) -> web.Response:
         request[PRINCIPAL],
         request.match_info["id"],
         to=body["to"],
-        note=None if note is None else _b64(note, "note"),
+        note=None if note is None else b64decode_field(note, "note"),
         note_max_bytes=app[SETTINGS].finding_note_max_bytes,
         now_ms=app[CLOCK](),
     )
@@ -117,7 +109,7 @@ async def share_finding(request: web.Request) -> web.Response:
         request[PRINCIPAL],
         request.match_info["id"],
         grantee_name=body["principal"],
-        headers={part: _b64(h, f"headers.{part}") for part, h in body["headers"].items()},
+        headers={part: b64decode_field(h, f"headers.{part}") for part, h in body["headers"].items()},
         now_ms=app[CLOCK](),
     )
     return web.json_response(finding.to_json())

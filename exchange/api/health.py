@@ -6,9 +6,9 @@ import asyncio
 
 from aiohttp import web
 
-from ..errors import ExchangeError
+from ..errors import AuditLogDamaged, ExchangeError
 from ..settings import Settings
-from .keys import DB, OPENAPI, SETTINGS, STORAGE
+from .keys import AUDIT, DB, OPENAPI, SETTINGS, STORAGE
 from .problems import problem_body, problem_response
 from .routing import CTX, Route
 from .schemas import Schema, common_schemas
@@ -21,7 +21,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when the database and the storage both answer within the storage timeout."""
+    """Ready when the database and the storage both answer within the storage timeout, and the
+    audit log passed this process's integrity checks (a damaged log does not heal by waiting)."""
     timeout = request.app[SETTINGS].storage_timeout_s
     checks: dict[str, str] = {}
 
@@ -38,9 +39,24 @@ async def readyz(request: web.Request) -> web.Response:
         check("database", asyncio.ensure_future(request.app[DB].ping())),
         check("storage", asyncio.ensure_future(request.app[STORAGE].ping())),
     )
+    damaged = request.app[AUDIT].damage is not None
+    if damaged:  # named only when failing, so the healthy answer keeps its documented shape
+        checks["audit-log"] = AuditLogDamaged.code
     if all(v == "ok" for v in checks.values()):
         return web.json_response({"status": "ready", "checks": checks})
     failing = ", ".join(f"{k}: {v}" for k, v in checks.items() if v != "ok")
+    if damaged:
+        # The cause (which event, which column) is in the service's log, not in a public answer.
+        detail = f"the audit log failed its integrity check; writes are refused ({failing})"
+        body = problem_body(
+            status=503,
+            code=AuditLogDamaged.code,
+            title=AuditLogDamaged.title,
+            detail=detail,
+            request_id=request[CTX].request_id,
+            checks=checks,
+        )
+        return problem_response(body)
     body = problem_body(
         status=503,
         code="not-ready",
@@ -72,7 +88,7 @@ ROUTES = [
         "/readyz",
         readyz,
         "health.ready",
-        "Readiness: database and storage answer",
+        "Readiness: database and storage answer, and the audit log passed its integrity checks",
         "health",
         auth="none",
         response="Health",

@@ -1,41 +1,47 @@
 """Handlers for grants, download links, and their redemption under `/l/TOKEN`.
 
-Grants and link management are signed requests like any other. Redemption is not: the token in
-the path is the capability (`auth="none"`). Each redemption request is rate-limited per client
-IP (before the token is even parsed) and per link, its token parsed strictly before anything is
-looked up, and every refusal answered here — a uniform `link-unavailable` for any state of a
-token — with an audit event that keeps the precise reason, the source IP and the user agent.
-The event names the link's id when the token matched one; never the token.
+Grants and link management are signed requests like any other. Redemption is not signed: the
+token in the path is the capability (`auth="none"`), and a proof of the recipient's key (the
+link's challenge, decrypted) opens its download session. Each redemption request is
+rate-limited per client source (before the token is even parsed) and per link, its token parsed
+strictly before anything is looked up, and every refusal answered here — a uniform
+`link-unavailable` for any state of a token — is accounted for in the log (`api/refusals.py`)
+with the precise reason, the source IP and the user agent, naming the link's id when the token
+matched one; never the token. The link's page prints commands that no uploader's name reaches.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import html
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+import re
+import shlex
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
 
-from ..errors import DependencyError, ExchangeError, ValidationError
+from ..errors import ExchangeError, RateLimited, ValidationError
+from ..format.note import Signer
 from ..services import grants as grants_svc
 from ..services import links as svc
-from ..services.principals import get_principal
+from ..services import tokens
 from ..settings import Settings
+from . import refusals
 from .keys import AUDIT, CLOCK, DB, SETTINGS, STORAGE
 from .problems import from_exchange_error, problem_response
-from .ratelimit import RateLimited, TokenBuckets
+from .ratelimit import TokenBuckets, source_key
 from .routing import BODY, CTX, PRINCIPAL, ROUTE, Route, path_param, query_param
 from .schemas import INT, STR, Schema, name_schema, obj
+from .validation import b64decode_field, b64encode
 
-__all__ = ["ROUTES", "rate_limits", "schemas"]
+__all__ = ["ROUTES", "fetch_commands", "schemas", "setup_limits", "setup_proof_keys"]
 
 IP_BUCKETS = web.AppKey("redeem_ip_buckets", TokenBuckets)
 LINK_BUCKETS = web.AppKey("redeem_link_buckets", TokenBuckets)
+PROOF_KEYS = web.AppKey("link_proof_keys", svc.ProofKeys)
 
 _HTML_HEADERS = {
     "Content-Security-Policy": (
@@ -49,8 +55,8 @@ _HTML_HEADERS = {
 _NO_STORE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
 
 
-async def rate_limits(app: web.Application) -> AsyncIterator[None]:
-    """Cleanup context: the redemption token buckets, per replica."""
+def setup_limits(app: web.Application) -> None:
+    """The redemption token buckets, per replica (api/lifetime.py)."""
     settings = app[SETTINGS]
     app[IP_BUCKETS] = TokenBuckets(
         per_min=settings.redeem_ip_requests_per_min, burst=settings.redeem_ip_burst_requests, clock=app[CLOCK]
@@ -60,18 +66,11 @@ async def rate_limits(app: web.Application) -> AsyncIterator[None]:
         burst=settings.redeem_link_burst_requests,
         clock=app[CLOCK],
     )
-    yield
 
 
-def _b64(value: str, field: str) -> bytes:
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValidationError(f"field {field!r} is not base64", field=field) from None
-
-
-def _b64s(raw: bytes) -> str:
-    return base64.b64encode(raw).decode("ascii")
+def setup_proof_keys(app: web.Application, signer: Signer) -> None:
+    """The key link proofs are made and checked with (see `format.linkproof`), from the log key."""
+    app[PROOF_KEYS] = svc.ProofKeys.from_signer(signer, max_age_s=app[SETTINGS].link_proof_max_age_s)
 
 
 def link_url(settings: Settings, token: str) -> str:
@@ -92,7 +91,7 @@ async def create_grant(request: web.Request) -> web.Response:
         request[PRINCIPAL],
         request.match_info["id"],
         grantee_name=body["principal"],
-        header=_b64(body["header"], "header"),
+        header=b64decode_field(body["header"], "header"),
         expires_at_ms=None if until is None else now + int(until) * 1000,
         now_ms=now,
     )
@@ -169,29 +168,18 @@ Redeemer = Callable[[web.Request, bytes], Awaitable[web.StreamResponse]]
 
 
 async def _record_refusal(request: web.Request, exc: ExchangeError) -> None:
-    app, route = request.app, request[ROUTE]
-    link_id = exc.link_id if isinstance(exc, svc.LinkRefused) else None
-    try:
-        async with app[DB].transaction() as conn:
-            await app[AUDIT].append(
-                conn,
-                request[CTX],
-                action=route.audit_action,
-                outcome="error" if exc.status >= 500 else "denied",
-                reason=exc.audit_reason,
-                resource={"type": "link", "id": link_id} if link_id else None,
-                details={"method": request.method, "route": route.path, "status": exc.status},
-            )
-    except DependencyError:
-        pass  # the answer is still a refusal; the pipeline logs the same for its own refusals
+    """Account for a refused redemption as the pipeline does its refusals (`api.refusals`),
+    naming the link when the token matched one."""
+    link_id = exc.link_id if isinstance(exc, tokens.LinkRefused) else None
+    await refusals.record(request, request[ROUTE], exc.audit_reason, exc.status, link_id=link_id)
 
 
 def _redemption(fn: Redeemer) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
         app = request.app
         try:
-            app[IP_BUCKETS].take(request.remote or "-", "from this address")
-            token_hash = svc.parse_token(request.match_info["token"])  # nothing looked up before this
+            app[IP_BUCKETS].take(source_key(request.remote), "from this address")  # IPv6: its /64
+            token_hash = tokens.parse_token(request.match_info["token"])  # nothing looked up before this
             app[LINK_BUCKETS].take(token_hash, "for this link")
             return await fn(request, token_hash)
         except ExchangeError as exc:
@@ -217,19 +205,19 @@ def _wants_html(request: web.Request) -> bool:
     return "text/html" in accept and "application/json" not in accept
 
 
+def _credential(request: web.Request, body: dict[str, Any] | None = None) -> svc.Credential:
+    source = body if body is not None else request.query
+    proof, session = source.get("proof"), source.get("session")
+    return svc.Credential(
+        proof=proof if isinstance(proof, str) else None, session=session if isinstance(session, str) else None
+    )
+
+
 async def _view(request: web.Request, token_hash: bytes) -> web.StreamResponse:
     app = request.app
-    now = app[CLOCK]()
-    r = await svc.resolve(app[DB], token_hash, now, ip=request[CTX].ip)
-    async with app[DB].transaction() as conn:
-        await app[AUDIT].append(
-            conn,
-            request[CTX],
-            action="link.view",
-            resource={"type": "artifact", "id": r.artifact.id},
-            details={"link": r.link.id, "html": _wants_html(request)},
-        )
-    base = f"{app[SETTINGS].effective_public_url}/l/{request.match_info['token']}"
+    html_page = _wants_html(request)
+    r = await svc.view(app[DB], app[AUDIT], request[CTX], token_hash, app[CLOCK](), html=html_page)
+    base = link_url(app[SETTINGS], request.match_info["token"])
     data = {
         "link": r.link.id,
         "artifact": r.artifact.to_json(),
@@ -239,11 +227,13 @@ async def _view(request: web.Request, token_hash: bytes) -> web.StreamResponse:
         "max_downloads": r.link.max_downloads,
         "downloads": r.link.downloads,
         "files": _file_summary(r),
+        "challenge_url": f"{base}/challenge",
         "header_url": f"{base}/header",
         "file_urls": [f"{base}/files/{f.idx}" for f in r.files],
+        "commands": fetch_commands(base, [f.idx for f in r.files]),
     }
-    if _wants_html(request):
-        return web.Response(text=_page(data, base), content_type="text/html", headers=_HTML_HEADERS)
+    if html_page:
+        return web.Response(text=_page(data), content_type="text/html", headers=_HTML_HEADERS)
     return web.json_response(data, headers=_NO_STORE)
 
 
@@ -251,18 +241,41 @@ def _utc(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _page(data: dict[str, Any], base: str) -> str:
+#: What a URL put into a printed command may hold: nothing a shell gives a meaning to inside
+#: single or double quotes (no quote, `$`, backquote, backslash or `!`), no space, no control.
+_INERT_URL = re.compile(r"https?://[A-Za-z0-9.:\[\]%/_~-]+")
+
+
+def fetch_commands(base: str, indices: list[int], key_file: str = "key.txt") -> dict[str, Any]:
+    """The commands a recipient pastes to fetch and decrypt a link's files: with exchange, and
+    with nothing but curl and age.
+
+    Inert whatever the uploader named things: no name, path or kind appears in a command. The
+    exchange CLI writes the artifact's real names itself (refusing `/`, `..` and control
+    characters); the curl commands write `file-N`, names the recipient's side chose, and the page
+    shows which path each N is. One proof (the challenge, decrypted) opens one counted session, and
+    every command carries it, so a whole artifact is one download however many files it has."""
+    url = quote(base, safe=":/[]")
+    if not _INERT_URL.fullmatch(url):
+        raise ValueError("the link URL has characters a shell would interpret")
+    key = shlex.quote(key_file)
+    proof = f"P=\"$(curl -sfS '{url}/challenge' | age -d -i {key})\""
+    files = [
+        f'{{ curl -sfS "{url}/header?proof=$P"; curl -sfSL "{url}/files/{i}?proof=$P"; }}'
+        f" | age -d -i {key} > file-{i}"
+        for i in indices
+    ]
+    return {"exchange": f"exchange download '{url}' -o DIR", "curl": [proof, *files]}
+
+
+def _page(data: dict[str, Any]) -> str:
     e = html.escape
     a = data["artifact"]
     rows = "\n".join(
-        f"<tr><td>{f['index']}</td><td>{e(f['path'])}</td><td>{f['size']}</td></tr>" for f in data["files"]
-    )
-    q = quote(base, safe=":/")
-    commands = [f"exchange download {q} -o DIR"] + [
-        f"{{ curl -sfS {q}/header; curl -sfSL {q}/files/{f['index']}; }} | age -d -i key.txt"
-        f" &gt; {e(f['path'].rsplit('/', 1)[-1])}"
+        f"<tr><td>file-{f['index']}</td><td>{e(f['path'])}</td><td>{f['size']}</td></tr>"
         for f in data["files"]
-    ]
+    )
+    commands = data["commands"]
     limit = "no limit" if data["max_downloads"] is None else f"{data['downloads']} of {data['max_downloads']}"
     return (
         "<!doctype html>\n<html lang=en><meta charset=utf-8><title>"
@@ -270,30 +283,47 @@ def _page(data: dict[str, Any], base: str) -> str:
         f"<p>{e(a['kind'])} from {e(a['org'])}, {a['size']} bytes in {a['file_count']} file(s), for"
         f" {e(data['recipient'])}. Expires {_utc(data['expires_at_ms'])};"
         f" downloads used: {e(limit)}.</p>\n"
-        "<table><tr><th>#</th><th>path</th><th>bytes</th></tr>\n"
-        f"{rows}\n</table>\n<p>The files are encrypted for the recipient alone. To fetch and decrypt:</p>\n"
-        "<pre>" + "\n".join(commands) + "</pre>\n</html>\n"
+        "<table><tr><th>saved as</th><th>path</th><th>bytes</th></tr>\n"
+        f"{rows}\n</table>\n<p>The files are encrypted for the recipient alone. With exchange"
+        " (it verifies the uploader's signature and writes the real names):</p>\n"
+        f"<pre>{e(commands['exchange'])}</pre>\n"
+        "<p>With nothing but curl and age, and the recipient's age identity in key.txt"
+        " (<code>exchange identity --age-secret &gt; key.txt</code>): the first line proves you hold"
+        " the key and opens one download session; each further line fetches one file into"
+        " file-N.</p>\n<pre>" + e("\n".join(commands["curl"])) + "</pre>\n</html>\n"
     )
+
+
+async def _challenge(request: web.Request, token_hash: bytes) -> web.StreamResponse:
+    app = request.app
+    _, sealed = await svc.challenge(
+        app[DB], app[AUDIT], request[CTX], token_hash, app[CLOCK](), request.app[PROOF_KEYS]
+    )
+    return web.Response(body=sealed, content_type="application/octet-stream", headers=_NO_STORE)
 
 
 async def _session(request: web.Request, token_hash: bytes) -> web.StreamResponse:
     app = request.app
-    settings = app[SETTINGS]
-    now = app[CLOCK]()
-    body = request.get(BODY) or {}
-    r = await svc.open_session(
-        app[DB], app[AUDIT], request[CTX], token_hash, now, session=body.get("session")
+    ttl = app[SETTINGS].link_presign_ttl_s
+    opened = await svc.open_session(
+        app[DB],
+        app[STORAGE],
+        app[AUDIT],
+        request[CTX],
+        token_hash,
+        app[CLOCK](),
+        _credential(request, request.get(BODY) or {}),
+        app[PROOF_KEYS],
+        ttl_s=ttl,
     )
-    _, header = await svc.header(app[DB], app[AUDIT], request[CTX], token_hash, now)
-    uploader = await get_principal(app[DB], r.artifact.created_by_name)
+    r = opened.redemption
     signed = r.artifact.manifest, r.artifact.manifest_signature
     assert signed[0] is not None and signed[1] is not None
-    ttl = settings.presign_ttl_s
     files = [
         f.to_json()
         | {
-            "url": app[STORAGE].presign_get(f.object_key, ttl_s=ttl),
-            "part_sha256": [_b64s(r.digests[f.idx][n]) for n in range(1, f.part_count + 1)],
+            "url": opened.urls[f.idx],
+            "part_sha256": [b64encode(r.digests[f.idx][n]) for n in range(1, f.part_count + 1)],
         }
         for f in r.files
     ]
@@ -302,15 +332,12 @@ async def _session(request: web.Request, token_hash: bytes) -> web.StreamRespons
         "session": r.session,
         "files": files,
         "manifest": json.loads(signed[0]),
-        "manifest_signature": _b64s(signed[1]),
-        "header": _b64s(header),
-        "uploader": {
-            "name": uploader.name,
-            "key_id": uploader.key_id,
-            "signing_public_key": _b64s(uploader.signing_public_key),
-        },
+        "manifest_signature": b64encode(signed[1]),
+        "header": b64encode(opened.header),
+        "uploader": opened.uploader
+        | {"signing_public_key": b64encode(opened.uploader["signing_public_key"])},
         "recipient": {"name": r.link.recipient.name, "age_recipient": r.link.recipient.age_recipient},
-        "expires_at_ms": now + ttl * 1000,
+        "expires_at_ms": opened.expires_at_ms,
         "expires_in_s": ttl,
     }
     return web.json_response(data, headers=_NO_STORE)
@@ -318,7 +345,9 @@ async def _session(request: web.Request, token_hash: bytes) -> web.StreamRespons
 
 async def _header(request: web.Request, token_hash: bytes) -> web.StreamResponse:
     app = request.app
-    _, header = await svc.header(app[DB], app[AUDIT], request[CTX], token_hash, app[CLOCK]())
+    header = await svc.header(
+        app[DB], app[AUDIT], request[CTX], token_hash, app[CLOCK](), _credential(request), app[PROOF_KEYS]
+    )
     return web.Response(body=header, content_type="application/octet-stream", headers=_NO_STORE)
 
 
@@ -334,10 +363,11 @@ async def _file(request: web.Request, token_hash: bytes) -> web.StreamResponse:
         request[CTX],
         token_hash,
         app[CLOCK](),
+        _credential(request),
+        app[PROOF_KEYS],
         index=int(raw_index),
-        session=request.query.get("session"),
         range_header=request.headers.get("Range"),
-        ttl_s=app[SETTINGS].presign_ttl_s,
+        ttl_s=app[SETTINGS].link_presign_ttl_s,
     )
     return web.Response(status=307, headers={"Location": url, "X-Exchange-Session": session, **_NO_STORE})
 
@@ -351,12 +381,13 @@ async def _receipt(request: web.Request, token_hash: bytes) -> web.StreamRespons
         token_hash,
         app[CLOCK](),
         session=body["session"],
-        signature=_b64(body["signature"], "signature"),
+        signature=b64decode_field(body["signature"], "signature"),
     )
     return web.json_response(answer, status=201)
 
 
 view_link = _redemption(_view)
+link_challenge = _redemption(_challenge)
 open_session = _redemption(_session)
 link_header = _redemption(_header)
 link_file = _redemption(_file)
@@ -364,6 +395,14 @@ post_receipt = _redemption(_receipt)
 
 _ID = (path_param("id", "artifact id"),)
 _TOKEN = (path_param("token", "the link's token (exl1_…)"),)
+_CREDENTIAL = (
+    query_param(
+        "proof",
+        "the decrypted challenge: proves the recipient's key (opens the session on first use)",
+        {"type": "string", "pattern": r"^exp1_[A-Za-z0-9_-]{75}$"},
+    ),
+    query_param("session", "a download session opened by a proof", {"type": "string"}),
+)
 
 ROUTES = [
     Route(
@@ -447,44 +486,54 @@ ROUTES = [
         errors=(404, 429),
     ),
     Route(
+        "GET",
+        "/l/{token}/challenge",
+        link_challenge,
+        "link.challenge",
+        "A fresh proof for the link's recipient, as an age file only the recipient's key decrypts;"
+        " counts nothing. The decrypted proof opens one download session.",
+        "redeem",
+        auth="none",
+        parameters=_TOKEN,
+        errors=(404, 429),
+    ),
+    Route(
         "POST",
         "/l/{token}/session",
         open_session,
         "link.session",
-        "Open a counted download session (or renew the URLs of one): presigned GETs, header, manifest",
+        "Open a counted download session with a proof (or continue one, uncounted, with its id or"
+        " the same proof): presigned GETs, header, manifest",
         "redeem",
         auth="none",
         body="LinkSessionRequest",
         response="LinkSession",
         parameters=_TOKEN,
-        errors=(404, 429),
+        errors=(403, 404, 429),
     ),
     Route(
         "GET",
         "/l/{token}/header",
         link_header,
         "link.header",
-        "The age header for the link's recipient (raw bytes)",
+        "The age header for the link's recipient (raw bytes), within a session",
         "redeem",
         auth="none",
-        parameters=_TOKEN,
-        errors=(404, 429),
+        parameters=(*_TOKEN, *_CREDENTIAL),
+        errors=(403, 404, 429),
     ),
     Route(
         "GET",
         "/l/{token}/files/{index}",
         link_file,
         "link.file",
-        "307 to a presigned GET of one file; without ?session= this opens (and counts) a download",
+        "307 to a presigned GET of one file, within a session: the first request with a fresh"
+        " ?proof= opens (and counts) it",
         "redeem",
         auth="none",
         status=307,
-        parameters=(
-            *_TOKEN,
-            path_param("index", "file index"),
-            query_param("session", "the download session", {"type": "string"}),
-        ),
-        errors=(404, 416, 429),
+        parameters=(*_TOKEN, path_param("index", "file index"), *_CREDENTIAL),
+        errors=(403, 404, 416, 429),
     ),
     Route(
         "POST",
@@ -569,12 +618,30 @@ def schemas(settings: Settings) -> dict[str, Schema]:
                 "max_downloads": opt_int,
                 "downloads": INT,
                 "files": {"type": "array", "items": {"type": "object"}},
+                "challenge_url": STR,
                 "header_url": STR,
                 "file_urls": {"type": "array", "items": STR},
+                "commands": obj(
+                    {"exchange": STR, "curl": {"type": "array", "items": STR}}, ["exchange", "curl"]
+                ),
             },
-            ["link", "artifact", "recipient", "expires_at_ms", "files", "header_url", "file_urls"],
+            [
+                "link",
+                "artifact",
+                "recipient",
+                "expires_at_ms",
+                "files",
+                "challenge_url",
+                "header_url",
+                "file_urls",
+                "commands",
+            ],
         ),
-        "LinkSessionRequest": obj({"session": session_pattern}, []),
+        "LinkSessionRequest": obj(
+            {"proof": {"type": "string", "pattern": r"^exp1_[A-Za-z0-9_-]{75}$"}, "session": session_pattern},
+            [],
+        )
+        | {"maxProperties": 1, "description": "a proof (from the challenge) or a session, not both"},
         "LinkSession": obj(
             {"session": STR, "link": STR, "header": STR, "expires_in_s": INT},
             ["session", "link"],

@@ -12,7 +12,14 @@ from .schemas import Schema
 
 __all__ = ["build_document"]
 
-_COMMON_ERRORS = {400: "Invalid input", 401: "Not authenticated", 413: "Body too large", 415: "Not JSON"}
+_COMMON_ERRORS = {
+    400: "Invalid input",
+    401: "Not authenticated",
+    408: "Body not received in time",
+    413: "Body too large",
+    415: "Not JSON",
+    429: "Too many requests (see Retry-After)",
+}
 _ERROR_TEXT = {403: "Forbidden", 404: "Not found", 409: "Conflict", 503: "Unavailable"}
 
 
@@ -45,8 +52,12 @@ def _operation(route: Route) -> dict[str, Any]:
         | ({400, 413, 415} if route.body else set())
         | ({400} if route.parameters else set())
     )
+    if route.body:
+        statuses.add(408)  # the body did not arrive within EXCHANGE_HTTP_BODY_TIMEOUT_S
     if route.auth != "none":
-        statuses.add(401)
+        # Unauthenticated refusals spend the source's failure budget; once it is spent, the
+        # source's requests to these routes are refused up front (api/refusals.py).
+        statuses |= {401, 429}
     for status in sorted(statuses):
         responses[str(status)] = _problem(_COMMON_ERRORS.get(status) or _ERROR_TEXT.get(status, "Error"))
     op["responses"] = responses

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import base64
-
 from aiohttp import web
 
-from ..errors import AgeError, BadSignature, UnknownKey, ValidationError
-from ..format import age
+from ..errors import BadSignature, UnknownKey, ValidationError
 from ..identity import PublicKeys
 from ..services import principals as svc
 from ..settings import Settings
@@ -15,6 +12,7 @@ from .auth import authenticate_with_key
 from .keys import AUDIT, CLOCK, DB, SETTINGS
 from .routing import BODY, CTX, PRINCIPAL, Route, page_limit, path_param, query_param
 from .schemas import INT, STR, Schema, name_schema, obj
+from .validation import b64decode_field
 
 __all__ = ["ROUTES", "schemas"]
 
@@ -67,15 +65,9 @@ async def enroll(request: web.Request) -> web.Response:
     """Register the caller's keys with an invite; the request is signed by the key it registers."""
     app, body = request.app, request[BODY]
     keys = PublicKeys(
-        signing_public_key=base64.b64decode(body["signing_public_key"], validate=True),
+        signing_public_key=b64decode_field(body["signing_public_key"], "signing_public_key"),
         age_recipient=body["age_recipient"],
     )
-    try:
-        age.parse_recipient(keys.age_recipient)
-    except AgeError as exc:
-        raise ValidationError(
-            "field 'age_recipient' is not a valid age recipient", field="age_recipient"
-        ) from exc
     try:
         await authenticate_with_key(request, keys.key_id, keys.signing_public_key)
     except UnknownKey as exc:
@@ -270,7 +262,9 @@ def schemas(settings: Settings) -> dict[str, Schema]:
                     "minLength": 62,
                     "maxLength": 62,
                     "pattern": r"^age1[02-9ac-hj-np-z]{58}$",
-                    "x-pattern-hint": "an age X25519 recipient (age1…)",
+                    "x-pattern-hint": "an age X25519 recipient (age1…) with a valid Bech32 checksum",
+                    "description": "an X25519 age recipient, age1… in Bech32 (BIP 173) with a valid"
+                    " checksum, encoding a point of Curve25519; anything else is refused with 400",
                 },
             },
             ["code", "name", "signing_public_key", "age_recipient"],

@@ -22,6 +22,7 @@ from ..errors import (
     ExchangeError,
     FormatError,
     InputError,
+    IntegrityFailure,
     NotFound,
     PermissionDenied,
 )
@@ -45,23 +46,22 @@ Exit codes:
 EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_AUTH, EXIT_DENIED = 0, 1, 2, 3, 4
 EXIT_NOT_FOUND, EXIT_CONFLICT, EXIT_UNAVAILABLE, EXIT_INTEGRITY = 5, 6, 7, 8
 
-_EXIT_CODES: list[tuple[type[ExchangeError], int]] = [
-    # Most specific first: FormatError and NotFound are InputErrors too.
-    (FormatError, EXIT_INTEGRITY),
-    (NotFound, EXIT_NOT_FOUND),
-    (Conflict, EXIT_CONFLICT),
-    (InputError, EXIT_USAGE),
-    (AuthError, EXIT_AUTH),
-    (PermissionDenied, EXIT_DENIED),
-    (DependencyError, EXIT_UNAVAILABLE),
-]
+#: One line per branch of the error tree (`exchange.errors`), and one per refinement of
+#: InputError with an exit code of its own; the nearest one along the class's MRO decides.
+_EXIT_CODES: dict[type[ExchangeError], int] = {
+    InputError: EXIT_USAGE,
+    NotFound: EXIT_NOT_FOUND,
+    Conflict: EXIT_CONFLICT,
+    FormatError: EXIT_INTEGRITY,  # bytes that do not parse or verify, whoever sent them
+    AuthError: EXIT_AUTH,
+    PermissionDenied: EXIT_DENIED,
+    DependencyError: EXIT_UNAVAILABLE,
+    IntegrityFailure: EXIT_INTEGRITY,
+}
 
 
 def exit_code_for(exc: ExchangeError) -> int:
-    for cls, code in _EXIT_CODES:
-        if isinstance(exc, cls):
-            return code
-    return EXIT_BUG
+    return next((_EXIT_CODES[cls] for cls in type(exc).__mro__ if cls in _EXIT_CODES), EXIT_BUG)
 
 
 def default_identity_path() -> Path:

@@ -1,7 +1,8 @@
 """Audit commands: query, export and verify the log; run a witness.
 
 `exchange audit verify` is offline: it reads a bundle and its own state directory and trusts
-only the keys pinned there (`exchange.auditverify`). Everything else talks to the service.
+only the keys pinned there (`exchange.auditverify`). Everything else talks to the service;
+`exchange audit query` prints only rows it verified against that same state directory.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -51,11 +53,26 @@ def default_state_dir() -> Path:
     return Path(base) / "exchange" / "audit-state"
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _state_option(help_text: str) -> Callable[[F], F]:
+    """`--state`: the auditor's verify state directory (pinned keys, last verified checkpoint)."""
+    return click.option(
+        "--state",
+        "state_dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=default_state_dir,
+        show_default="~/.config/exchange/audit-state",
+        help=help_text,
+    )
+
+
 @main.group()
 def audit() -> None:
     """Query, export and verify the audit log (auditor or admin role).
 
-    A filtered query shows what matched, each row provably in the log (--proofs), but cannot
+    A filtered query shows what matched, each row verified to be in the signed log, but cannot
     prove that nothing else matched: only a full export, checked by `exchange audit verify`,
     proves completeness.
     """
@@ -70,10 +87,14 @@ def audit() -> None:
 @click.option("--since", help="From this time: ISO 8601, or a duration ago (24h).")
 @click.option("--until", help="Before this time: ISO 8601, or a duration ago.")
 @click.option("--size", type=int, help="Pin to the checkpoint of this size (default: the latest).")
-@click.option("--proofs", is_flag=True, help="Fetch an inclusion proof with every row (jsonl output).")
+@click.option("--proofs", is_flag=True, help="Print each row's inclusion proof (jsonl output).")
 @click.option("--limit", type=click.IntRange(1), help="Page size.")
 @click.option(
     "--format", "fmt", type=click.Choice(["table", "jsonl", "csv"]), default="table", show_default=True
+)
+@_state_option("Your verify state: the pinned log key and the last verified checkpoint.")
+@click.option(
+    "--vkey", "log_vkey", help="The log's verifier key, obtained out of band, if none is pinned yet."
 )
 @pass_opts
 def query(
@@ -89,8 +110,27 @@ def query(
     proofs: bool,
     limit: int | None,
     fmt: str,
+    state_dir: Path,
+    log_vkey: str | None,
 ) -> None:
-    """Events that match every given filter, pinned to one checkpoint; the query is itself logged."""
+    """Events that match every given filter, pinned to one checkpoint; the query is itself logged.
+
+    \b
+    Every row is verified before anything is printed: the checkpoint is signed by the pinned
+    log key (and witness quorum) and consistent with your saved one, each event matches the
+    filters and its inclusion proof leads to the checkpoint's root. A row that fails is an
+    integrity error (exit 8) and nothing is printed. The key is the one `exchange audit verify`
+    pinned in --state; before that, give it with --vkey.
+    """
+    try:
+        state = auditverify.load_pinned(state_dir, log_vkey)
+    except auditverify.VerifyFailure as exc:
+        hint = (
+            " (or pin it once with `exchange audit verify --vkey KEY`)" if "no log key" in exc.message else ""
+        )
+        fail(InputError(f"{exc.message}{hint}: {state_dir}"), as_json=opts.json)
+    except (OSError, ValueError, KeyError) as exc:
+        fail(InputError(f"cannot read the audit state in {state_dir}: {exc}"), as_json=opts.json)
     try:
         filters: dict[str, str | int | None] = {
             "actor": actor,
@@ -106,7 +146,7 @@ def query(
         fail(exc, as_json=opts.json)
 
     async def call(client: Client) -> list[dict[str, Any]]:
-        return [item async for item in AuditClient(client).query(filters, limit=limit, proofs=proofs)]
+        return [item async for item in AuditClient(client).verified_query(filters, state, limit=limit)]
 
     items = with_client(opts, call)
     if fmt == "jsonl" or opts.json:
@@ -128,7 +168,8 @@ def query(
             who = e["actor"].get("name") or e["actor"]["type"]
             click.echo(f"{e['idx']:>8}  {when(e['time_ms']):23}  {e['action']:24}  {result:18}  {who}")
         click.echo(
-            f"{len(items)} events. A filtered query cannot prove completeness; a verified export can.",
+            f"{len(items)} events, each verified in the signed log. A filtered query cannot prove "
+            "completeness; a verified export can.",
             err=True,
         )
 
@@ -161,14 +202,7 @@ def vkey(opts: Options) -> None:
 @click.option(
     "--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Bundle directory."
 )
-@click.option(
-    "--state",
-    "state_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=default_state_dir,
-    show_default="~/.config/exchange/audit-state",
-    help="Your verify state: the consistency proof starts at its saved size.",
-)
+@_state_option("Your verify state: the consistency proof starts at its saved size.")
 @pass_opts
 def export(opts: Options, out: Path, state_dir: Path) -> None:
     """Write a bundle: every leaf up to the latest checkpoint and what proves it, for `audit verify`.
@@ -219,14 +253,7 @@ Exit codes:
 @click.option(
     "--bundle", type=click.Path(file_okay=False, exists=True, path_type=Path), help="Bundle directory."
 )
-@click.option(
-    "--state",
-    "state_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=default_state_dir,
-    show_default="~/.config/exchange/audit-state",
-    help="Where pinned keys and the last verified checkpoint live.",
-)
+@_state_option("Where pinned keys and the last verified checkpoint live.")
 @click.option(
     "--vkey", "log_vkey", help="The log's verifier key, obtained out of band (pinned on first use)."
 )

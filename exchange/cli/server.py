@@ -7,8 +7,30 @@ from typing import Any
 
 import click
 
-from ..errors import ExchangeError
+from ..errors import ExchangeError, ValidationError
 from ._base import Options, fail, main, output, pass_opts, run
+
+#: Packages only the server needs; a client install (`pip install exchange`) has none of them.
+SERVER_PACKAGES = ("boto3", "botocore", "minio", "asyncpg", "jsonschema", "uvloop")
+
+
+def _server_module(opts: Options) -> Any:
+    """`exchange.server`, or a clear refusal naming the extra to install (exit 2)."""
+    try:
+        from .. import server
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in SERVER_PACKAGES:
+            raise
+        fail(
+            ValidationError(
+                f"this is a client install of exchange: the server needs {exc.name!r}, which the"
+                " 'server' extra brings (pip install 'exchange[server]')",
+                code="server-extra-missing",
+            ),
+            as_json=opts.json,
+        )
+    return server
+
 
 # -- server side -----------------------------------------------------------------------------------
 
@@ -23,10 +45,13 @@ def init(opts: Options, name: str, org_name: str) -> None:
     Writes a new identity to --identity unless one exists there, registers its public keys as
     the first admin, and refuses once the service has any principal.
     """
-    from ..server import bootstrap
+    server = _server_module(opts)
 
     async def work() -> dict[str, Any]:
-        return await bootstrap(os.environ, identity_path=opts.identity_path, name=name, org_name=org_name)
+        made: dict[str, Any] = await server.bootstrap(
+            os.environ, identity_path=opts.identity_path, name=name, org_name=org_name
+        )
+        return made
 
     p = run(opts, work)
     output(
@@ -40,9 +65,8 @@ def init(opts: Options, name: str, org_name: str) -> None:
 @pass_opts
 def serve(opts: Options) -> None:
     """Serve the API (server side: configured by EXCHANGE_* variables; see README)."""
-    from ..server import serve as serve_api
-
+    server = _server_module(opts)
     try:
-        serve_api(os.environ)
+        server.serve(os.environ)
     except ExchangeError as exc:
         fail(exc, as_json=opts.json)

@@ -18,6 +18,7 @@ from yarl import URL
 
 from ..errors import (
     AuthError,
+    BodyTimeout,
     Conflict,
     DependencyError,
     ExchangeError,
@@ -25,6 +26,9 @@ from ..errors import (
     NotFound,
     PayloadTooLarge,
     PermissionDenied,
+    RangeNotSatisfiable,
+    RateLimited,
+    ServiceUnreachable,
     UnsupportedMediaType,
     ValidationError,
 )
@@ -40,19 +44,17 @@ def segment(value: str) -> str:
 __all__ = ["Client", "ServiceUnreachable", "segment"]
 
 
-class ServiceUnreachable(DependencyError):
-    code = "service-unreachable"
-    title = "Service unreachable"
-
-
 _BY_STATUS: dict[int, type[ExchangeError]] = {
     400: ValidationError,
     401: AuthError,
     403: PermissionDenied,
     404: NotFound,
     409: Conflict,
+    408: BodyTimeout,
     413: PayloadTooLarge,
     415: UnsupportedMediaType,
+    416: RangeNotSatisfiable,
+    429: RateLimited,
     503: DependencyError,
 }
 

@@ -27,6 +27,7 @@ from ..errors import (
     ManifestError,
     StorageUnavailable,
 )
+from ..files import fsync_directory
 from ..format import age
 from ..format.manifest import (
     FileEntry,
@@ -94,12 +95,9 @@ def _prune(staging: Path, expected: set[str]) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
+    # Best effort here: the files themselves were fsynced, and some filesystems refuse this.
     with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_directory(path)
 
 
 def _read_into(resp: Any, view: memoryview) -> memoryview:

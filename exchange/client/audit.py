@@ -3,6 +3,8 @@
 `AuditClient(client)` wraps a signed `Client`. It fetches; it does not decide whether what it
 fetched is true; that is `exchange.auditverify`, which trusts none of it (an export bundle is
 checked offline, against the key the auditor pinned, never the copy the service sent along).
+`verified_query` fetches a query's pages with their proofs and has `auditverify` judge every
+row before handing it out; what fails is `AuditEventUnverified`, never a row.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from .. import auditverify
 from ..auditverify import BUNDLE_FILES, MANIFEST
+from ..errors import AuditEventUnverified, ValidationError
 from . import Client
+from ._csv import safe_cell
 
 __all__ = ["AuditClient", "events_csv"]
 
@@ -26,6 +31,14 @@ EXPORT_PAGE = 50_000
 
 def _hashes(items: list[str]) -> list[bytes]:
     return [base64.b64decode(h, validate=True) for h in items]
+
+
+def _unverified(exc: auditverify.VerifyFailure, idx: int | None = None) -> Exception:
+    if exc.kind == "usage":
+        return ValidationError(exc.message)
+    if idx is None:
+        return AuditEventUnverified(exc.message, check=exc.kind)
+    return AuditEventUnverified(exc.message, check=exc.kind, idx=idx)
 
 
 class AuditClient:
@@ -77,6 +90,15 @@ class AuditClient:
         All pages are pinned to the checkpoint of the first one. A filtered query shows what
         matched; it cannot prove that nothing else did.
         """
+        async for page in self._pages(filters, limit=limit, proofs=proofs):
+            for item in page["items"]:
+                item["event"] = json.loads(item["leaf"])
+                item["checkpoint"] = page["checkpoint"]
+                yield item
+
+    async def _pages(
+        self, filters: Mapping[str, str | int | None], *, limit: int | None, proofs: bool
+    ) -> AsyncIterator[dict[str, Any]]:
         params = {k: str(v) for k, v in filters.items() if v is not None}
         if limit is not None:
             params["limit"] = str(limit)
@@ -87,13 +109,73 @@ class AuditClient:
             page = await self.client.request(
                 "GET", "/v1/audit/events", params=params | ({"cursor": cursor} if cursor else {})
             )
-            for item in page["items"]:
-                item["event"] = json.loads(item["leaf"])
-                item["checkpoint"] = page["checkpoint"]
-                yield item
+            yield page
             cursor = page["next_cursor"]
             if not cursor:
                 return
+
+    async def verified_query(
+        self,
+        filters: Mapping[str, str | int | None],
+        state: auditverify.State,
+        *,
+        limit: int | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """`query` with proofs, each item handed out only once `auditverify` has checked it.
+
+        The first page's checkpoint must be signed by the key (and quorum) pinned in `state` and
+        consistent with the checkpoint saved there (a consistency proof is fetched); every page
+        must be pinned to that same checkpoint; every row must be a canonical event of the log,
+        match `filters`, and have an inclusion proof that leads to the checkpoint's root. The
+        first failure raises AuditEventUnverified (naming the idx), ValidationError if the
+        pinned key itself is unusable. `state` is not changed.
+        """
+        note: str | None = None
+        checkpoint = None
+        last = -1
+        async for page in self._pages(filters, limit=limit, proofs=True):
+            try:
+                if note is None:
+                    note = page["checkpoint"]["note"]
+                    checkpoint = auditverify.open_checkpoint(note.encode("utf-8"), state)
+                    requested = filters.get("size")
+                    if page["checkpoint"]["size"] != checkpoint.size or (
+                        requested is not None and int(requested) != checkpoint.size
+                    ):
+                        raise auditverify.VerifyFailure(
+                            "signature", "the page's checkpoint is not of the size it claims or was asked for"
+                        )
+                    sizes = auditverify.consistency_sizes(state, checkpoint)
+                    proof = await self.consistency_proof(*sizes) if sizes else []
+                    auditverify.check_consistent(state, checkpoint, proof)
+                elif page["checkpoint"]["note"] != note:
+                    raise auditverify.VerifyFailure(
+                        "signature", "the query's pages are pinned to different checkpoints"
+                    )
+            except auditverify.VerifyFailure as exc:
+                raise _unverified(exc) from exc
+            assert checkpoint is not None
+            for item in page["items"]:
+                idx = item.get("idx")
+                if not isinstance(idx, int) or isinstance(idx, bool) or idx <= last:
+                    raise AuditEventUnverified(
+                        f"the service listed idx {idx!r} after idx {last}: rows out of order or repeated",
+                        check="entries",
+                    )
+                try:
+                    proof = _hashes(item.get("proof") or [])
+                except (ValueError, TypeError) as exc:  # not a list of base64 strings
+                    raise AuditEventUnverified(
+                        f"event {idx}: its inclusion proof is malformed", check="proof", idx=idx
+                    ) from exc
+                try:
+                    event = auditverify.check_query_row(
+                        str(item.get("leaf")).encode("utf-8"), idx, proof, checkpoint, filters
+                    )
+                except auditverify.VerifyFailure as exc:
+                    raise _unverified(exc, idx) from exc
+                last = idx
+                yield item | {"event": event, "checkpoint": page["checkpoint"], "proof": item.get("proof")}
 
     async def export(self, out: Path, *, since_size: int = 0) -> dict[str, Any]:
         """Write an export bundle to `out`: every leaf of the latest checkpoint, with what checks it.
@@ -162,7 +244,7 @@ def events_csv(fh: Any, events: Any) -> None:
     for e in events:
         actor, outcome, resource = e.get("actor", {}), e.get("outcome", {}), e.get("resource", {})
         writer.writerow(
-            _cell(value)
+            safe_cell(value)  # attacker-chosen text (user agents, names) stays text
             for value in [
                 e.get("idx"),
                 e.get("time_ms"),
@@ -181,10 +263,3 @@ def events_csv(fh: Any, events: Any) -> None:
                 e.get("id"),
             ]
         )
-
-
-def _cell(value: Any) -> Any:
-    # Attacker-chosen text (user agents, names) must not run as a spreadsheet formula.
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
-    return value

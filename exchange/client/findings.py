@@ -36,6 +36,7 @@ from ..format import age
 from ..format.finding import BODY_NAME
 from . import Client, segment
 from . import artifacts as artifacts_api
+from ._csv import safe_cell
 from ._upload import Destination
 from .transfer import download, upload
 
@@ -304,15 +305,5 @@ async def export(client: Client, *, artifact_id: str | None = None, fmt: str = "
     writer = csv.DictWriter(out, fieldnames=EXPORT_FIELDS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: _cell(row[k]) for k in EXPORT_FIELDS})
+        writer.writerow({k: safe_cell(row[k]) for k in EXPORT_FIELDS})  # a title may be =HYPERLINK(…)
     return out.getvalue()
-
-
-def _cell(value: Any) -> Any:
-    """A CSV cell that a spreadsheet shows as text: a reporter's title such as `=HYPERLINK(…)`
-    must not become a formula on a developer's machine (OWASP's CSV injection advice)."""
-    if value is None:
-        return ""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
-    return value

@@ -4,17 +4,19 @@ Granting happens on the developer's machine: `grant` fetches the caller's own he
 artifact's file key with the caller's age identity, wraps it for the grantee's registered
 recipient and posts only that header. The file key never leaves the client.
 
-A link is redeemed without a request signature (the token is the capability): `download_link`
-opens a counted download session, verifies the uploader's signed manifest, unwraps the file key
-with the recipient's age identity (a link for someone else fails here, with `age-no-match`),
-downloads like `transfer.download` (parallel, resumable, verified), and ends by posting a
-receipt: the recipient's Ed25519 signature over the artifact, link, session and manifest digest
+A link is redeemed without a request signature, but not by its URL alone: `download_link`
+decrypts the link's challenge with the recipient's age identity (a link for someone else fails
+here, with `age-no-match`, before anything is counted), opens a counted download session with the
+proof it holds, verifies the uploader's signed manifest, unwraps the file key, downloads like
+`transfer.download` (parallel, resumable, verified), and ends by posting a receipt: the
+recipient's Ed25519 signature over the artifact, link, session and manifest digest
 (`format.receipt`).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -23,6 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import ManifestError, ValidationError
+from ..files import write_atomic
 from ..format import age
 from ..format.receipt import receipt_message
 from . import Client, segment
@@ -32,6 +35,7 @@ from .transfer import DEFAULT_CONCURRENCY, Progress, download_verified
 
 __all__ = [
     "SESSION_SUFFIX",
+    "challenge",
     "create_link",
     "download_link",
     "grant",
@@ -39,6 +43,7 @@ __all__ = [
     "list_grants",
     "list_links",
     "open_session",
+    "prove",
     "revoke",
     "revoke_link",
     "send_receipt",
@@ -130,14 +135,39 @@ async def view_link(client: Client, token: str) -> dict[str, Any]:
     return await client.request("GET", f"/l/{token}", signed=False)  # type: ignore[no-any-return]
 
 
-async def open_session(client: Client, token: str, session: str | None = None) -> dict[str, Any]:
-    """Open a counted download session, or renew the URLs of `session` without counting."""
-    body = {"session": session} if session else {}
+async def challenge(client: Client, token: str) -> bytes:
+    """The link's challenge: an age file holding a fresh proof, for the link's recipient alone."""
+    return await client.request("GET", f"/l/{token}/challenge", signed=False, raw=True)  # type: ignore[no-any-return]
+
+
+async def prove(client: Client, token: str) -> str:
+    """Decrypt the link's challenge with our age identity: the proof that opens a download.
+
+    A link for someone else fails here (`age-no-match`), before anything is counted."""
+    identity = client.identity
+    if identity is None:
+        raise ValidationError("redeeming a link needs the recipient's identity (--identity)")
+    proof = age.decrypt(await challenge(client, token), [identity.age_identity])
+    try:
+        return proof.decode("ascii")
+    except UnicodeDecodeError:
+        raise ValidationError("the link's challenge does not hold a proof", code="bad-challenge") from None
+
+
+async def open_session(
+    client: Client, token: str, *, proof: str | None = None, session: str | None = None
+) -> dict[str, Any]:
+    """Open a counted download session with `proof`, or renew the URLs of `session` without
+    counting."""
+    body = {"session": session} if session else {"proof": proof} if proof else {}
     return await client.request("POST", f"/l/{token}/session", json_body=body, signed=False)  # type: ignore[no-any-return]
 
 
-async def link_header(client: Client, token: str) -> bytes:
-    return await client.request("GET", f"/l/{token}/header", signed=False, raw=True)  # type: ignore[no-any-return]
+async def link_header(
+    client: Client, token: str, *, proof: str | None = None, session: str | None = None
+) -> bytes:
+    params = {"session": session} if session else {"proof": proof} if proof else None
+    return await client.request("GET", f"/l/{token}/header", signed=False, raw=True, params=params)  # type: ignore[no-any-return]
 
 
 async def send_receipt(client: Client, token: str, session: str, signature: bytes) -> dict[str, Any]:
@@ -156,7 +186,7 @@ class _LinkURLs(_URLRefresher):
         self._session = str(info["session"])
 
     async def _fetch_info(self) -> dict[str, Any]:
-        return await open_session(self._client, self._token, self._session)
+        return await open_session(self._client, self._token, session=self._session)
 
 
 async def download_link(
@@ -175,19 +205,24 @@ async def download_link(
     if identity is None:
         raise ValidationError("downloading needs the recipient's identity (--identity)")
     # A download resumed after an interruption continues its session: it is not counted again.
-    name = str((await view_link(client, token))["artifact"]["name"])
+    # The marker is named after the link (not the artifact, whose name we learn only from the
+    # session), so a used-up link's own download still resumes.
+    out_dir = Path(os.path.abspath(out_dir))
+    marker = out_dir / (".exchange-link-" + hashlib.sha256(token.encode()).hexdigest()[:24] + SESSION_SUFFIX)
+    saved = marker.read_text().strip() if marker.is_file() else None
+    if saved is not None:
+        info = await open_session(client, token, session=saved)
+    else:
+        info = await open_session(client, token, proof=await prove(client, token))
+    name = str(info["name"])
     if "/" in name or name in ("", ".", "..") or name.startswith("."):
         raise ManifestError(f"the artifact name {name!r} is not a safe file name")
-    out_dir = Path(os.path.abspath(out_dir))
-    marker = out_dir / (name + SESSION_SUFFIX)
-    saved = marker.read_text().strip() if marker.is_file() else None
-    info = await open_session(client, token, saved)
     manifest = _verified_manifest(info, info["uploader"])
     file_key = age.unwrap_file_key(base64.b64decode(info["header"]), [identity.age_identity])
     if saved is None:  # only once the link has proved to be ours to download
-        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(str(info["session"]) + "\n")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # Whole or absent, even after a kill mid-write; a symbolic link there is replaced, not followed.
+        write_atomic(marker, (str(info["session"]) + "\n").encode("utf-8"), overwrite=True)
     written = await download_verified(
         info,
         manifest,

@@ -41,6 +41,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -315,6 +316,13 @@ class Signer:
         """The secret skey string; store it like a password."""
         material = base64.b64encode(bytes([ED25519]) + self._seed).decode("ascii")
         return f"{_SKEY_PREFIX}{self._name}+{self._key_id.hex()}+{material}"
+
+    def derive_key(self, label: bytes) -> bytes:
+        """A 32-byte secret for another purpose of the same service, named by `label`: HKDF-SHA256
+        (RFC 5869) of the seed with an all-zero salt. Different labels give unrelated keys, and
+        none of them tells anything about the seed or the signatures it makes."""
+        prk = hmac.new(b"\x00" * 32, self._seed, hashlib.sha256).digest()
+        return hmac.new(prk, label + b"\x01", hashlib.sha256).digest()
 
     def __repr__(self) -> str:
         # Never the seed: reprs end up in logs and tracebacks.

@@ -26,12 +26,20 @@ Each append also writes, in the same transaction, the Merkle tree nodes it compl
 hash and every perfect subtree the new leaf closes, `exchange.format.merkle`): the stored tree
 always covers exactly the committed events, whichever replica wrote them, and proofs cost
 O(log n) reads. Signing checkpoints and serving proofs is `services.auditlog`.
+
+The indexed columns (`idx`, `id`, `time_ms`, `action`, `outcome`, `actor_id`, …) are copies of
+fields of the leaf, made by `event_columns` from the event itself, so that checking a row is
+comparing it with `event_columns` of its leaf (`services.auditcheck`). An append refuses to run
+past a gap or a row beyond the head (one key lookup), and once the process has found the log
+damaged (`AuditLog.fail_closed`) it refuses every append: the caller's whole transaction fails
+with `AuditLogDamaged`, so no change is made without its event.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import secrets
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -40,12 +48,13 @@ from typing import Any, Literal
 
 import rfc8785
 
-from ..db import Connection, placeholders
+from ..db import Connection, Database, placeholders
 from ..errors import AuditLogDamaged
 from ..format import merkle
 
 __all__ = [
     "ANONYMOUS",
+    "EVENT_COLUMNS",
     "EVENT_TYPE",
     "MAX_LEAF_BYTES",
     "SYSTEM",
@@ -54,8 +63,12 @@ __all__ = [
     "Context",
     "Entry",
     "Outcome",
+    "event_columns",
     "read_nodes",
+    "record_alone",
 ]
+
+log = logging.getLogger("exchange.audit")
 
 EVENT_TYPE = "exchange.audit.event/v1"
 #: A leaf stays well under what a verifier must be willing to hash.
@@ -136,10 +149,48 @@ class Entry:
 _MAX_PARAMS = 30_000
 #: Tree nodes read per query (a page of 1,000 rows with proofs needs up to ~40,000).
 _MAX_NODES_PER_QUERY = 10_000
-_EVENT_COLUMNS = (
-    "idx, id, time_ms, action, outcome, reason, actor_id, actor_org, resource_type, resource_id,"
-    " request_id, leaf"
+#: The columns of `audit_events` that copy a field of the leaf, in `event_columns` order.
+EVENT_COLUMNS = (
+    "idx",
+    "id",
+    "time_ms",
+    "action",
+    "outcome",
+    "reason",
+    "actor_id",
+    "actor_org",
+    "resource_type",
+    "resource_id",
+    "request_id",
 )
+_INSERT_COLUMNS = ", ".join((*EVENT_COLUMNS, "leaf"))
+
+
+def _member(event: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = event.get(name)
+    return value if isinstance(value, Mapping) else {}
+
+
+def event_columns(event: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The values of `EVENT_COLUMNS` for an event: what an append writes and what a check expects.
+
+    Read from the event alone (never from the caller's arguments), so a row can be checked
+    against its leaf at any time. A member that is absent, or not an object, gives NULLs.
+    """
+    actor, outcome, resource = _member(event, "actor"), _member(event, "outcome"), _member(event, "resource")
+    return (
+        event.get("idx"),
+        event.get("id"),
+        event.get("time_ms"),
+        event.get("action"),
+        outcome.get("result"),
+        outcome.get("reason"),
+        actor.get("id"),
+        actor.get("org"),
+        resource.get("type"),
+        resource.get("id"),
+        event.get("request_id"),
+    )
 
 
 def _uuid7(ms: int) -> str:
@@ -168,6 +219,29 @@ class AuditLog:
     def __init__(self, *, origin: str, clock: Callable[[], int]) -> None:
         self.origin = origin
         self._clock = clock
+        #: What this process found wrong with the stored log, once it found anything; then
+        #: every append is refused until the log is repaired and the process restarted.
+        self.damage: str | None = None
+
+    def fail_closed(self, exc: AuditLogDamaged) -> None:
+        """Stop appending (and so every write) for the life of the process; say so once, loudly.
+
+        The message names positions and columns, never the events' contents.
+        """
+        if self.damage is None:
+            self.damage = exc.message
+            log.error(
+                "audit-log-damaged: %s; appends and checkpoints are stopped until the log is "
+                "repaired and the service restarted",
+                exc.message,
+            )
+
+    def _refuse_if_damaged(self) -> None:
+        if self.damage is not None:
+            raise AuditLogDamaged(
+                "the audit log failed its integrity check, so nothing can be recorded and nothing "
+                "was changed; the operator must repair the log and restart the service"
+            )
 
     async def append(
         self,
@@ -215,11 +289,17 @@ class AuditLog:
         """
         if not entries:
             return []
+        self._refuse_if_damaged()
         events = [self._event(ctx, entry) for entry in entries]
         size = await conn.fetchval(
             "UPDATE audit_head SET size = size + $1 WHERE id = 1 RETURNING size", len(events)
         )
         first = int(size) - len(events)
+        try:
+            await _check_tail(conn, first)
+        except AuditLogDamaged as exc:
+            self.fail_closed(exc)
+            raise
         rows: list[tuple[Any, ...]] = []
         leaf_hashes: list[bytes] = []
         for idx, (entry, event) in enumerate(zip(entries, events, strict=True), start=first):
@@ -230,29 +310,32 @@ class AuditLog:
                 await conn.execute("UPDATE audit_head SET size = size - $1 WHERE id = 1", len(events))
                 raise ValueError(f"audit event {entry.action} is over {MAX_LEAF_BYTES} bytes")
             leaf_hashes.append(merkle.leaf_hash(leaf))
-            actor = entry.actor or ctx.actor
-            res = event.get("resource", {})
-            rows.append(
-                (
-                    idx,
-                    event["id"],
-                    event["time_ms"],
-                    entry.action,
-                    entry.outcome,
-                    entry.reason,
-                    actor.id,
-                    actor.org,
-                    res.get("type"),
-                    res.get("id"),
-                    ctx.request_id,
-                    leaf,
-                )
-            )
-        await _insert(conn, "audit_events", _EVENT_COLUMNS, rows)
-        await _insert(
-            conn, "audit_tree_nodes", "level, idx, hash", await _tree_nodes(conn, first, leaf_hashes)
-        )
+            rows.append((*event_columns(event), leaf))
+        try:
+            nodes = await _tree_nodes(conn, first, leaf_hashes)
+        except AuditLogDamaged as exc:
+            self.fail_closed(exc)
+            raise
+        await _insert(conn, "audit_events", _INSERT_COLUMNS, rows)
+        await _insert(conn, "audit_tree_nodes", "level, idx, hash", nodes)
         return [first + i for i in range(len(events))]
+
+
+async def _check_tail(conn: Connection, first: int) -> None:
+    """Refuse to append at `first` unless the stored events end exactly at `first - 1`.
+
+    The caller holds the head (its row lock, or SQLite's write lock), so no other append can
+    commit meanwhile: a missing `first - 1` is a deleted row, and any row at `first` or beyond
+    was put there behind the log's back. Appending past either would bury the damage.
+    """
+    rows = await conn.fetchall(
+        "SELECT idx FROM audit_events WHERE idx >= $1 ORDER BY idx LIMIT 2", max(first - 1, 0)
+    )
+    found = [int(r["idx"]) for r in rows]
+    if found != ([first - 1] if first else []):
+        if first and (not found or found[0] != first - 1):
+            raise AuditLogDamaged(f"event {first - 1}, the last before the head {first}, is missing")
+        raise AuditLogDamaged(f"event {found[-1]} is stored beyond the log's head {first}")
 
 
 async def _insert(conn: Connection, table: str, columns: str, rows: Sequence[tuple[Any, ...]]) -> None:
@@ -319,3 +402,10 @@ async def _tree_nodes(
             known[level, index] = node
             completed.append((level, index, node))
     return completed
+
+
+async def record_alone(db: Database, audit: AuditLog, ctx: Context, entries: Sequence[Entry]) -> None:
+    """Append `entries` in a transaction of their own: refusals and their summaries, whose change
+    never happened (so there is nothing else to commit with them)."""
+    async with db.transaction() as conn:
+        await audit.append_many(conn, ctx, entries)

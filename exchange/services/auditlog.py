@@ -13,6 +13,12 @@ for auditors and publishes signed checkpoints:
 - proofs and roots, each folded from O(log n) stored nodes fetched in one query;
 - entries by range (the exact leaf bytes) and filtered queries pinned to a checkpoint size.
 
+The publisher signs only what its `TreeCheck` (`services.auditcheck`) folded from re-hashed
+leaves: at start it checks the whole log, before each checkpoint the events since, and on any
+mismatch the log fails closed (no checkpoint, no append). Every row a query serves is checked
+against its leaf first; an export serves the exact leaves even from a damaged log (they are
+the evidence, and `auditverify` their judge) but records the damage all the same.
+
 What it does not do: decide who may read (the API checks roles) or verify anything for the
 auditor (that is `exchange.auditverify`, which trusts none of this).
 """
@@ -33,12 +39,14 @@ import aiohttp
 
 from ..db import Connection, Database
 from ..errors import AuditLogDamaged, DependencyError, NoteError, ValidationError
+from ..files import write_atomic
 from ..format import merkle
 from ..format.checkpoint import Checkpoint
 from ..format.note import Signature, Signer, sign_note
 from ..settings import Settings
 from ..witness import request_cosignature, witness_session
 from .audit import SYSTEM, AuditLog, Context, read_nodes
+from .auditcheck import ROW_COLUMNS, TreeCheck, check_row
 
 __all__ = [
     "LOG_KEY_FILE",
@@ -69,17 +77,11 @@ def load_or_create_signer(path: Path, origin: str) -> Signer:
     Creation is atomic (a hard link to a finished temporary file), so replicas starting at once
     agree on one key. A key made for another origin is refused: a new origin is a new log.
     """
-    if not path.exists():
+    if not path.exists():  # only saves making a key; the create below settles any race
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="ascii") as fh:
-            fh.write(Signer(origin, os.urandom(32)).signer_key() + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        with contextlib.suppress(FileExistsError):
-            os.link(tmp, path)
-        tmp.unlink()
+        key = Signer(origin, os.urandom(32)).signer_key() + "\n"
+        with contextlib.suppress(FileExistsError):  # another replica was first: use its key
+            write_atomic(path, key.encode("ascii"), overwrite=False)
     signer = Signer.from_skey(path.read_text(encoding="ascii").strip())
     if signer.name != origin:
         raise ValidationError(
@@ -161,8 +163,7 @@ class WitnessConfig:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WitnessConfig:
-        urls = tuple(u.strip() for u in settings.witness_urls.split(",") if u.strip())
-        vkeys = tuple(v.strip() for v in settings.witness_vkeys.split(",") if v.strip())
+        urls, vkeys = settings.witness_urls, settings.witness_vkeys
         if settings.witness_quorum > len(vkeys) or settings.witness_quorum > len(urls):
             raise ValidationError(
                 f"witness_quorum is {settings.witness_quorum} but only {len(urls)} witness URLs and "
@@ -197,16 +198,32 @@ class Publisher:
         self._witness_size: dict[str, int] = {}
         self._seen_size = -1
         self._seen_at = time.monotonic()
+        self.check = TreeCheck(audit)
+
+    async def check_at_start(self) -> None:
+        """Check the whole stored log before anything is served; AuditLogDamaged (and the log
+        failed closed) if it does not hold together."""
+        async with self._lock:
+            await self.check.start(self.db, await latest_checkpoint(self.db), self.signer.verifier())
 
     async def publish(self) -> bytes | None:
-        """Sign a checkpoint of the current tree if it grew; return the stored note, if any."""
+        """Sign a checkpoint of the current tree if it grew; return the stored note, if any.
+
+        Nothing is signed once the log was found damaged, nor when the events since the last
+        check do not hold together (which marks it damaged).
+        """
         async with self._lock:
+            if self.audit.damage is not None:
+                return None
             latest = await latest_checkpoint(self.db)
-            async with self.db.read() as conn:
-                size = await tree_size(conn)
-                if latest is not None and size <= latest[0]:
-                    return None
-                root = await root_at(conn, size)
+            try:
+                # Even with nothing new to sign: re-reading the last event checked is one row.
+                size = await self.check.head(self.db)
+                root = await self.check.advance(self.db, size)
+            except AuditLogDamaged:
+                return None  # failed closed and said so
+            if latest is not None and size <= latest[0]:
+                return None
             text = Checkpoint(self.audit.origin, size, root).to_text()
             note = sign_note(text, [self.signer])
             cosignatures = await self._cosign(note, size, latest[0] if latest else 0)
@@ -271,6 +288,8 @@ class Publisher:
         Idleness is measured on this process's monotonic clock from the last time it saw the
         log grow (any replica's events count), so wall-clock jumps cannot fake or skip one.
         """
+        if self.audit.damage is not None:
+            return None
         async with self.db.read() as conn:
             size = await tree_size(conn)
         now = time.monotonic()
@@ -292,10 +311,14 @@ class Publisher:
     async def run_forever(self) -> None:
         while True:
             await asyncio.sleep(self.settings.audit_checkpoint_interval_s)
+            if self.audit.damage is not None:
+                continue  # failed closed: said once, nothing more to do until a restart
             try:
                 if self.settings.audit_heartbeat_s:
                     await self.heartbeat_if_idle()
                 await self.publish()
+            except AuditLogDamaged:
+                pass  # the log failed closed and said so
             except DependencyError:
                 log.warning("checkpoint publication skipped: database unavailable")
             except NoteError:
@@ -305,22 +328,40 @@ class Publisher:
 # -- entries and queries -----------------------------------------------------------------------------
 
 
-async def read_entries(db: Database, start: int, end: int, *, batch: int = 1000) -> AsyncIterator[bytes]:
-    """The exact leaf bytes of events [start, end), in index order, read in batches."""
+async def read_entries(
+    db: Database, start: int, end: int, *, batch: int = 1000, audit: AuditLog | None = None
+) -> AsyncIterator[bytes]:
+    """The exact leaf bytes of events [start, end), in index order, read in batches.
+
+    With `audit`, each row is checked (its columns against its leaf, no gap) and a mismatch
+    fails the log closed; the stored leaves are yielded all the same, since an export is how an
+    auditor sees what the damage is.
+    """
     pos = start
     while pos < end:
         async with db.read() as conn:
             rows = await conn.fetchall(
-                "SELECT idx, leaf FROM audit_events WHERE idx >= $1 AND idx < $2 ORDER BY idx LIMIT $3",
+                f"SELECT {ROW_COLUMNS} FROM audit_events WHERE idx >= $1 AND idx < $2 ORDER BY idx LIMIT $3",  # noqa: S608 - fixed names
                 pos,
                 end,
                 batch,
             )
-        if not rows:
-            return
         for row in rows:
+            if audit is not None:
+                try:
+                    if int(row["idx"]) != pos:
+                        raise AuditLogDamaged(
+                            f"event {pos} is missing (the next stored event is {row['idx']})"
+                        )
+                    check_row(row)
+                except AuditLogDamaged as exc:
+                    audit.fail_closed(exc)
             yield bytes(row["leaf"])
-        pos = int(rows[-1]["idx"]) + 1
+            pos = int(row["idx"]) + 1
+        if not rows:
+            if audit is not None:
+                audit.fail_closed(AuditLogDamaged(f"event {pos} is missing (the export asked up to {end})"))
+            return
 
 
 @dataclass(frozen=True)
@@ -355,7 +396,11 @@ _FILTER_SQL = {
 async def query(
     conn: Connection, where: Filter, *, size: int, after: int, limit: int
 ) -> list[tuple[int, bytes]]:
-    """(idx, leaf) of matching events with after < idx < size, in index order, at most `limit`."""
+    """(idx, leaf) of matching events with after < idx < size, in index order, at most `limit`.
+
+    Each row is checked against its leaf before it is returned (AuditLogDamaged if a column
+    differs): the columns chose it, so the leaf must say what they say.
+    """
     clauses = ["idx > $1", "idx < $2"]
     args: list[Any] = [after, size]
     for name, value in where.to_json().items():
@@ -363,12 +408,12 @@ async def query(
         clauses.append(_FILTER_SQL[name].format(len(args)))
     args.append(limit)
     rows = await conn.fetchall(
-        "SELECT idx, leaf FROM audit_events WHERE "  # noqa: S608 - fixed fragments, placeholders only
+        f"SELECT {ROW_COLUMNS} FROM audit_events WHERE "  # noqa: S608 - fixed fragments, placeholders only
         + " AND ".join(clauses)
         + f" ORDER BY idx LIMIT ${len(args)}",
         *args,
     )
-    return [(int(r["idx"]), bytes(r["leaf"])) for r in rows]
+    return [(int(r["idx"]), check_row(r)) for r in rows]
 
 
 async def actor_id(db: Database, actor: str) -> str:

@@ -34,9 +34,10 @@ from typing import Any
 from ..db import Connection, Database, Row
 from ..errors import Conflict, NotFound, PayloadTooLarge, PermissionDenied, ValidationError
 from ..format.finding import BODY_NAME, CATEGORIES, MOVES, SEVERITIES, STATUSES
-from . import artifacts
+from . import uploads
 from .audit import AuditLog, Context
 from .principals import Principal, get_principal, new_id
+from .records import Artifact, artifact_files, check_header, find_artifact, has_active_grant, holds_header
 
 __all__ = [
     "CATEGORIES",
@@ -153,12 +154,10 @@ def may_see(principal: Principal, finding: Finding) -> bool:
     )
 
 
-async def _may_report(
-    conn: Connection, principal: Principal, artifact_id: str, now_ms: int
-) -> artifacts.Artifact:
+async def _may_report(conn: Connection, principal: Principal, artifact_id: str, now_ms: int) -> Artifact:
     """The artifact if `principal` may report on it: a tester it is granted to (actively), or a
     developer of its organisation. One 403 for every other case, existing or not."""
-    artifact = await artifacts._artifact(conn, artifact_id)
+    artifact = await find_artifact(conn, artifact_id)
 
     def denied() -> PermissionDenied:
         return PermissionDenied(
@@ -175,7 +174,7 @@ async def _may_report(
     if principal.org_id == artifact.org_id:
         if principal.role != "developer":
             raise denied()
-    elif not await artifacts.has_active_grant(conn, artifact_id, principal.id, now_ms):
+    elif not await has_active_grant(conn, artifact_id, principal.id, now_ms):
         raise denied()
     if artifact.status != "complete":
         raise Conflict(
@@ -227,12 +226,12 @@ def claim(
     clearinghouse: Sequence[str],
     body_max_bytes: int,
     now_ms: int,
-) -> artifacts.Claim:
-    """The `claim` for `artifacts.create` of a finding's body or attachments on `subject_id`."""
+) -> uploads.Claim:
+    """The `claim` for `uploads.create` of a finding's body or attachments on `subject_id`."""
     if part not in PARTS:
         raise ValidationError(f"part must be one of: {', '.join(PARTS)}", field="finding.part")
 
-    async def decide(conn: Connection, artifact_id: str, kind: str, total: int) -> artifacts.Target:
+    async def decide(conn: Connection, artifact_id: str, kind: str, total: int) -> uploads.Target:
         subject = await _may_report(conn, principal, subject_id, now_ms)
         if kind != "finding-attachment":
             raise ValidationError(
@@ -249,7 +248,7 @@ def claim(
         async def finish(conn: Connection) -> None:
             await conn.execute("UPDATE artifacts SET subject_id = $1 WHERE id = $2", subject_id, artifact_id)
 
-        return artifacts.Target(
+        return uploads.Target(
             org_id=subject.org_id,
             org_name=subject.org_name,
             extra=extra,
@@ -276,7 +275,7 @@ async def _finding(conn: Connection, principal: Principal, finding_id: str) -> F
     # Beyond the two organisations, admins and auditors: whoever it is encrypted to (the
     # clearinghouse) sees it too.
     if finding is None or not (
-        may_see(principal, finding) or await artifacts._holds_header(conn, finding.body_id, principal.id)
+        may_see(principal, finding) or await holds_header(conn, finding.body_id, principal.id)
     ):
         raise NotFound(f"no finding {finding_id!r}")
     return finding
@@ -346,9 +345,9 @@ async def list_findings(
 
 async def _content(
     conn: Connection, principal: Principal, content_id: str, subject_id: str, part: str
-) -> artifacts.Artifact:
+) -> Artifact:
     """A finding's uploaded body or attachments: the reporter's, complete, about the subject."""
-    content = await artifacts._artifact(conn, content_id)
+    content = await find_artifact(conn, content_id)
     subject = await conn.fetchval("SELECT subject_id FROM artifacts WHERE id = $1", content_id)
     if content is None or content.created_by != principal.id or subject != subject_id:
         raise ValidationError(
@@ -388,7 +387,7 @@ async def submit(
     async with db.transaction() as conn:
         subject = await _may_report(conn, principal, artifact_id, now_ms)
         await _content(conn, principal, body_id, artifact_id, "body")
-        files = await artifacts._files(conn, body_id)
+        files = await artifact_files(conn, body_id)
         if [f.path for f in files] != [BODY_NAME]:
             raise ValidationError(
                 f"a finding's body upload holds exactly one file, {BODY_NAME}", field="body"
@@ -541,7 +540,7 @@ async def share(
                     f"{principal.name} holds no key to this finding's {part}, so cannot pass one on",
                     code="not-a-recipient",
                 )
-            raw = artifacts.check_header(headers[part], grantee.name)
+            raw = check_header(headers[part], grantee.name)
             has_theirs = await conn.fetchval(
                 "SELECT 1 FROM artifact_headers WHERE artifact_id = $1 AND principal_id = $2",
                 content_id,

@@ -3,7 +3,7 @@
 The developer's client unwraps the artifact's file key locally and posts an age header wrapped
 for the tester's recipient; the service stores it beside the other recipients' headers and
 never sees a file key. While the grant is active (not revoked, not expired) the tester may read
-the artifact's metadata and its own header (see `artifacts.has_active_grant`), and links may be
+the artifact's metadata and its own header (see `records.has_active_grant`), and links may be
 made for it. Revoking a grant removes the tester's header and revokes its links in the same
 transaction, so nothing the tester held a moment ago still works.
 
@@ -17,9 +17,9 @@ from typing import Any
 
 from ..db import Connection, Database, Row
 from ..errors import Conflict, NotFound, PermissionDenied, ValidationError
-from .artifacts import Artifact, _visible, check_header
 from .audit import AuditLog, Context
 from .principals import Principal, get_principal, require_role
+from .records import Artifact, check_header, visible_artifact
 
 __all__ = ["Grant", "grant", "list_grants", "require_owner", "revoke"]
 
@@ -109,7 +109,7 @@ async def grant(
     if expires_at_ms is not None and expires_at_ms <= now_ms:
         raise ValidationError("a grant must end in the future", code="grant-until-past")
     async with db.transaction() as conn:
-        artifact = await _visible(conn, principal, artifact_id)
+        artifact = await visible_artifact(conn, principal, artifact_id)
         require_owner(principal, artifact)
         if artifact.status == "aborted":
             raise Conflict("the artifact's upload was aborted", code="artifact-aborted")
@@ -160,7 +160,7 @@ async def revoke(
     """Revoke a grant: the header goes, every live link for the grantee dies; return (grant, links)."""
     grantee = await get_principal(db, grantee_name)
     async with db.transaction() as conn:
-        artifact = await _visible(conn, principal, artifact_id)
+        artifact = await visible_artifact(conn, principal, artifact_id)
         require_owner(principal, artifact)
         changed = await conn.execute(
             "UPDATE grants SET revoked_at_ms = $1"
@@ -198,7 +198,7 @@ async def revoke(
 async def list_grants(db: Database, principal: Principal, artifact_id: str, *, now_ms: int) -> list[Grant]:
     """An artifact's grants, for those who may see it (a grantee sees only its own)."""
     async with db.read() as conn:
-        artifact = await _visible(conn, principal, artifact_id, now_ms)
+        artifact = await visible_artifact(conn, principal, artifact_id, now_ms)
         rows = await conn.fetchall(
             _SELECT + " WHERE g.artifact_id = $1 ORDER BY g.created_at_ms", artifact_id
         )

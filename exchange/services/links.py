@@ -1,127 +1,81 @@
 """Download links: capabilities for one artifact, bound to one recipient, expiring and countable.
 
-A link's token (`exl1_` + 32 random bytes in unpadded base64url) is shown once, to its creator;
-the service keeps only its SHA-256, so a stolen database yields no working link. A token that
-does not parse is refused before anything is looked up (`parse_token`).
+A link's token (`exl1_` + 32 random bytes in unpadded base64url, `services/tokens.py`) is shown
+once, to its creator; the service keeps only its SHA-256, so a stolen database yields no working
+link. A token that does not parse is refused before anything is looked up.
 
-Redeeming needs no request signature — the link is the capability — and gives nothing readable:
-the age header is wrapped for the bound recipient alone, so a leaked link is useless without
-that recipient's key. Every redemption and every refusal is an audit event with the source IP
-and user agent; refusals of a token name their precise reason in the log, while the answer is
-the same for every state (unknown, expired, revoked, used up, grant gone), so an answer never
-tells whether a token ever existed.
+Redeeming needs no request signature, but the URL alone opens nothing: the link's challenge is a
+fresh proof encrypted to the recipient's age key (`format/linkproof.py`), and only a request that
+shows it opens a download session. So a leaked link is useless without that recipient's key, and
+spends none of the recipient's downloads. Every redemption and every refusal is accounted for in
+the log with the source IP and user agent; refusals of a token name their precise reason there,
+while the answer is the same for every state (unknown, expired, revoked, used up, grant gone), so
+an answer never tells whether a token ever existed.
 
 Counting. A download is a *session*: opening one is the counted act, a guarded
 `UPDATE links SET downloads = downloads + 1 WHERE … AND downloads < max_downloads`, so of
-several racers for the last count exactly one wins. A session's later requests (headers, file
-URLs, fresh URLs for a long download, the receipt) carry its id and are not counted again; a
-bare file request without a session opens one.
+several racers for the last count exactly one wins. The proof that opened a session names it
+(its SHA-256 is stored, unique), so every request carrying the same proof continues that session
+uncounted, as do requests carrying the session's id (headers, file URLs, fresh URLs for a long
+download, the receipt).
 
 The decisions (`check_link`, `check_range`) are plain functions over records; the rest fetches
-and persists around them.
+and persists around them, one transaction and its events per request.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
-import hashlib
 import ipaddress
 import re
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
 from ..db import Connection, Database, Row
-from ..errors import Conflict, InputError, NotFound, PermissionDenied, ValidationError
+from ..errors import Conflict, NotFound, PermissionDenied, RangeNotSatisfiable, ValidationError
+from ..format import age, linkproof
+from ..format.note import Signer
 from ..format.receipt import receipt_message
 from ..storage import Storage
-from .artifacts import Artifact, ArtifactFile, _artifact, _digests, _files, _files_named, _visible
 from .audit import AuditLog, Context
 from .grants import require_owner
 from .principals import Principal, get_principal, new_id
+from .records import (
+    Artifact,
+    ArtifactFile,
+    artifact_files,
+    files_named,
+    find_artifact,
+    part_digests,
+    visible_artifact,
+)
+from .tokens import LinkRefused, hash_token, new_token
 
 __all__ = [
-    "TOKEN_PREFIX",
+    "Credential",
     "Link",
-    "LinkRefused",
-    "RangeNotSatisfiable",
+    "ProofKeys",
     "Redemption",
+    "SessionOpened",
+    "challenge",
     "check_link",
     "check_range",
     "create",
     "file_url",
-    "hash_token",
     "header",
     "list_links",
-    "new_token",
     "open_session",
-    "parse_token",
     "receipt",
-    "resolve",
     "revoke",
+    "view",
 ]
 
-TOKEN_PREFIX = "exl1_"  # noqa: S105 - a prefix, not a secret
-_TOKEN_BYTES = 32
-_TOKEN_BODY = re.compile(r"[A-Za-z0-9_-]{43}")
 _SESSION = re.compile(r"ses_[0-9a-f]{32}")
-
-
-class LinkRefused(NotFound):
-    """The one answer for every link that cannot be redeemed now. `reason` goes to the log only."""
-
-    code = "link-unavailable"
-
-    def __init__(self, reason: str, *, link_id: str | None = None) -> None:
-        super().__init__(
-            "this link cannot be used: it is unknown, expired, revoked or used up (ask its sender for"
-            " a new one)"
-        )
-        self.reason = reason
-        self.link_id = link_id
-
-    @property
-    def audit_reason(self) -> str:
-        return self.reason
-
-
-class RangeNotSatisfiable(InputError):
-    status = 416
-    code = "range-not-satisfiable"
-    title = "Range not satisfiable"
-
-
-# -- tokens ---------------------------------------------------------------------------------------
-
-
-def new_token(prefix: str = TOKEN_PREFIX) -> str:
-    return prefix + base64.urlsafe_b64encode(secrets.token_bytes(_TOKEN_BYTES)).rstrip(b"=").decode()
-
-
-def parse_token(text: str, prefix: str = TOKEN_PREFIX) -> bytes:
-    """The token's SHA-256, if `text` is a canonical token; LinkRefused('link-malformed') if not.
-
-    Pure: nothing is looked up for a token that does not parse."""
-    if not (text.startswith(prefix) and _TOKEN_BODY.fullmatch(text[len(prefix) :])):
-        raise LinkRefused("link-malformed")
-    body = text[len(prefix) :]
-    try:
-        raw = base64.urlsafe_b64decode(body + "=")
-    except (binascii.Error, ValueError):  # pragma: no cover - the pattern admits only the alphabet
-        raise LinkRefused("link-malformed") from None
-    # 43 characters carry 258 bits: the last two must be zero, or two texts would name one token.
-    if len(raw) != _TOKEN_BYTES or base64.urlsafe_b64encode(raw).rstrip(b"=").decode() != body:
-        raise LinkRefused("link-malformed")
-    return hash_token(text)
-
-
-def hash_token(token: str) -> bytes:
-    return hashlib.sha256(token.encode("ascii")).digest()
 
 
 # -- records and decisions ------------------------------------------------------------------------
@@ -372,18 +326,28 @@ async def _resolve(
     conn: Connection, token_hash: bytes, now_ms: int, *, counting: bool, ip: str | None
 ) -> tuple[LinkRecord, Artifact]:
     record = await _check(conn, token_hash, now_ms, counting=counting, ip=ip)
-    artifact = await _artifact(conn, record.artifact_id)
+    artifact = await find_artifact(conn, record.artifact_id)
     assert artifact is not None
     return record, artifact
 
 
-async def resolve(db: Database, token_hash: bytes, now_ms: int, *, ip: str | None) -> Redemption:
-    """The link, its artifact and files, if redeemable now from `ip` (not counted, not audited)."""
-    async with db.read() as conn:
-        record, artifact = await _resolve(conn, token_hash, now_ms, counting=False, ip=ip)
-        return Redemption(
-            record, artifact, await _files(conn, artifact.id), await _digests(conn, artifact.id)
+async def view(
+    db: Database, audit: AuditLog, ctx: Context, token_hash: bytes, now_ms: int, *, html: bool
+) -> Redemption:
+    """What the link holds, if it could open a download now from the request's address: the
+    link, its artifact and files. Counts nothing; the view is an audit event. A link that is used
+    up answers like any other unusable one (the uniform 404)."""
+    async with db.transaction() as conn:
+        record, artifact = await _resolve(conn, token_hash, now_ms, counting=True, ip=ctx.ip)
+        files = await artifact_files(conn, artifact.id)
+        await audit.append(
+            conn,
+            ctx,
+            action="link.view",
+            resource={"type": "artifact", "id": artifact.id},
+            details={"link": record.id, "html": html},
         )
+    return Redemption(record, artifact, files, {})
 
 
 async def _session_of(conn: Connection, record: LinkRecord, session: str) -> str:
@@ -397,8 +361,28 @@ async def _session_of(conn: Connection, record: LinkRecord, session: str) -> str
     return str(found)
 
 
-async def _open(conn: Connection, audit: AuditLog, ctx: Context, record: LinkRecord, now_ms: int) -> str:
-    """Count one download and open its session, or refuse: of racers for the last count, one wins."""
+async def _open(
+    conn: Connection, audit: AuditLog, ctx: Context, record: LinkRecord, now_ms: int, proof_sha256: bytes
+) -> tuple[str, bool]:
+    """Open the session this proof names, counting one download, or refuse: of racers for the last
+    count, one wins. Return (session, opened); opened is False when a racer with the same proof
+    opened it first (then nothing is counted twice)."""
+    session = "ses_" + secrets.token_hex(16)
+    inserted = await conn.execute(
+        "INSERT INTO link_sessions (id, link_id, opened_at_ms, proof_sha256) VALUES ($1, $2, $3, $4)"
+        " ON CONFLICT DO NOTHING",
+        session,
+        record.id,
+        now_ms,
+        proof_sha256,
+    )
+    if inserted != 1:  # the same proof opened a session a moment ago, in a transaction now committed
+        found = await conn.fetchval(
+            "SELECT id FROM link_sessions WHERE link_id = $1 AND proof_sha256 = $2", record.id, proof_sha256
+        )
+        if found is None:
+            raise LinkRefused("session-unknown", link_id=record.id)
+        return str(found), False
     won = await conn.execute(
         "UPDATE links SET downloads = downloads + 1 WHERE id = $1 AND revoked_at_ms IS NULL"
         " AND expires_at_ms > $2 AND (max_downloads IS NULL OR downloads < max_downloads)",
@@ -406,14 +390,7 @@ async def _open(conn: Connection, audit: AuditLog, ctx: Context, record: LinkRec
         now_ms,
     )
     if won != 1:
-        raise LinkRefused("link-exhausted", link_id=record.id)
-    session = "ses_" + secrets.token_hex(16)
-    await conn.execute(
-        "INSERT INTO link_sessions (id, link_id, opened_at_ms) VALUES ($1, $2, $3)",
-        session,
-        record.id,
-        now_ms,
-    )
+        raise LinkRefused("link-exhausted", link_id=record.id)  # the transaction drops the session
     downloads = await conn.fetchval("SELECT downloads FROM links WHERE id = $1", record.id)
     await audit.append(
         conn,
@@ -427,38 +404,192 @@ async def _open(conn: Connection, audit: AuditLog, ctx: Context, record: LinkRec
             "downloads": int(downloads),
             "max_downloads": record.max_downloads,
         },
+        actor=record.recipient.actor,
     )
-    return session
+    return session, True
+
+
+@dataclass(frozen=True)
+class Credential:
+    """What a redemption request shows besides the token: a proof of the recipient's key (from
+    the link's challenge) or the id of a session such a proof opened. A request with neither is
+    refused (`proof-required`) once the link is known to be usable; it spends nothing."""
+
+    proof: str | None = None
+    session: str | None = None
+
+
+def _refuse_proof(record: LinkRecord, reason: str) -> PermissionDenied:
+    messages = {
+        "proof-required": "downloading through this link needs a proof that you hold the recipient's key:"
+        " fetch GET /l/TOKEN/challenge, decrypt it with `age -d -i key.txt`, and send it as ?proof=…"
+        " (`exchange download URL` does all of this)",
+        "proof-malformed": "the proof is not of the form exp1_…: send exactly what the challenge decrypts to",
+        "proof-invalid": "the proof was not issued for this link; ask its challenge for a new one",
+        "proof-expired": "the proof is too old to open a download; ask the link's challenge for a new one",
+    }
+    return PermissionDenied(messages[reason], code=reason, link=record.id)
+
+
+async def _enter(
+    conn: Connection,
+    audit: AuditLog,
+    ctx: Context,
+    token_hash: bytes,
+    now_ms: int,
+    credential: Credential,
+    keys: ProofKeys,
+) -> tuple[LinkRecord, str, bool]:
+    """The link's record and the session this request belongs to, opening (and counting) it if
+    the request carries a fresh proof; refuse with the precise reason otherwise.
+
+    Return (record, session, opened)."""
+    row = await conn.fetchone(_RECORD_SELECT, token_hash)
+    if row is None:
+        raise LinkRefused("link-unknown")
+    record = _record(row)
+    if credential.session is not None:
+        check_link(record, now_ms, counting=False, ip=ctx.ip)
+        return record, await _session_of(conn, record, credential.session), False
+    if credential.proof is None:
+        check_link(record, now_ms, counting=True, ip=ctx.ip)  # an unusable link: the uniform answer
+        raise _refuse_proof(record, "proof-required")
+    try:
+        digest = linkproof.proof_digest(credential.proof)
+    except linkproof.LinkProofError as exc:  # names no session: it could only open a new one
+        check_link(record, now_ms, counting=True, ip=ctx.ip)
+        raise _refuse_proof(record, exc.reason) from None
+    found = await conn.fetchval(
+        "SELECT id FROM link_sessions WHERE link_id = $1 AND proof_sha256 = $2", record.id, digest
+    )
+    if found is not None:  # this proof opened a session already: continue it, uncounted
+        check_link(record, now_ms, counting=False, ip=ctx.ip)
+        return record, str(found), False
+    check_link(record, now_ms, counting=True, ip=ctx.ip)
+    try:
+        linkproof.verify_proof(
+            keys.mac_key, record.id, credential.proof, now_ms=now_ms, max_age_ms=keys.max_age_s * 1000
+        )
+    except linkproof.LinkProofError as exc:
+        raise _refuse_proof(record, exc.reason) from None
+    session, opened = await _open(conn, audit, ctx, record, now_ms, digest)
+    return record, session, opened
+
+
+@dataclass(frozen=True)
+class ProofKeys:
+    """The service's key for link proofs and how long a proof may open a session."""
+
+    mac_key: bytes = field(repr=False)
+    max_age_s: int
+
+    @classmethod
+    def from_signer(cls, signer: Signer, *, max_age_s: int) -> ProofKeys:
+        """Derived from the log's signing key, which every replica shares: any replica checks the
+        proofs any other issued, and no further secret needs distributing."""
+        return cls(signer.derive_key(linkproof.PROOF_KEY_LABEL), max_age_s)
+
+
+async def challenge(
+    db: Database, audit: AuditLog, ctx: Context, token_hash: bytes, now_ms: int, keys: ProofKeys
+) -> tuple[LinkRecord, bytes]:
+    """A fresh proof for the link's recipient, as an age file only the recipient's key opens.
+
+    Counts nothing and stores nothing but its audit event; refused like a download (the uniform
+    404) when the link could not open a session now."""
+    async with db.transaction() as conn:
+        record = await _check(conn, token_hash, now_ms, counting=True, ip=ctx.ip)
+        proof = linkproof.make_proof(keys.mac_key, record.id, now_ms)
+        sealed = age.encrypt(proof.encode("ascii"), [record.recipient.age_recipient])
+        await audit.append(
+            conn,
+            ctx,
+            action="link.challenge",
+            resource={"type": "artifact", "id": record.artifact_id},
+            details={"link": record.id, "recipient": record.recipient.name},
+        )
+    return record, sealed
 
 
 async def open_session(
-    db: Database, audit: AuditLog, ctx: Context, token_hash: bytes, now_ms: int, *, session: str | None
-) -> Redemption:
-    """Open a counted download session, or (with `session`) continue one without counting."""
+    db: Database,
+    storage: Storage,
+    audit: AuditLog,
+    ctx: Context,
+    token_hash: bytes,
+    now_ms: int,
+    credential: Credential,
+    keys: ProofKeys,
+    *,
+    ttl_s: int,
+) -> SessionOpened:
+    """Open a counted download session with a proof, or continue one (`credential.session`, or
+    the proof that opened it) without counting; with everything a download needs: presigned
+    GETs of every file living `ttl_s`, the recipient's header, the signed manifest, the uploader."""
     async with db.transaction() as conn:
-        record, artifact = await _resolve(conn, token_hash, now_ms, counting=session is None, ip=ctx.ip)
-        if session is None:
-            session = await _open(conn, audit, ctx, record, now_ms)
-        else:
-            session = await _session_of(conn, record, session)
+        record, session, opened = await _enter(conn, audit, ctx, token_hash, now_ms, credential, keys)
+        artifact = await find_artifact(conn, record.artifact_id)
+        assert artifact is not None
+        header_raw = await conn.fetchval(
+            "SELECT header FROM artifact_headers WHERE artifact_id = $1 AND principal_id = $2",
+            record.artifact_id,
+            record.recipient.id,
+        )
+        if header_raw is None:
+            raise LinkRefused("not-a-recipient", link_id=record.id)
+        uploader_row = await conn.fetchone(
+            "SELECT name, key_id, signing_public_key FROM principals WHERE id = $1", artifact.created_by
+        )
+        assert uploader_row is not None
+        if not opened:
             await audit.append(
                 conn,
                 ctx,
                 action="link.renew",
                 resource={"type": "artifact", "id": record.artifact_id},
-                details={"link": record.id, "session": session},
+                details={"link": record.id, "session": session, "ttl_s": ttl_s},
+                actor=record.recipient.actor,
             )
-        files = await _files(conn, artifact.id)
-        digests = await _digests(conn, artifact.id)
-    return Redemption(record, artifact, files, digests, session)
+        files = await artifact_files(conn, artifact.id)
+        digests = await part_digests(conn, artifact.id)
+    urls = {f.idx: storage.presign_get(f.object_key, ttl_s=ttl_s) for f in files}
+    return SessionOpened(
+        Redemption(record, artifact, files, digests, session),
+        header=bytes(header_raw),
+        urls=urls,
+        uploader={
+            "name": uploader_row["name"],
+            "key_id": uploader_row["key_id"],
+            "signing_public_key": bytes(uploader_row["signing_public_key"]),
+        },
+        expires_at_ms=now_ms + ttl_s * 1000,
+    )
+
+
+@dataclass(frozen=True)
+class SessionOpened:
+    """A download session and everything its client needs, decided in one transaction."""
+
+    redemption: Redemption
+    header: bytes
+    urls: dict[int, str]
+    uploader: dict[str, Any]
+    expires_at_ms: int
 
 
 async def header(
-    db: Database, audit: AuditLog, ctx: Context, token_hash: bytes, now_ms: int
-) -> tuple[LinkRecord, bytes]:
-    """The bound recipient's age header; not counted (it opens nothing without the payload)."""
+    db: Database,
+    audit: AuditLog,
+    ctx: Context,
+    token_hash: bytes,
+    now_ms: int,
+    credential: Credential,
+    keys: ProofKeys,
+) -> bytes:
+    """The bound recipient's age header, within a session (opened by this request's proof if it
+    is the first of that proof's requests)."""
     async with db.transaction() as conn:
-        record = await _check(conn, token_hash, now_ms, counting=False, ip=ctx.ip)
+        record, session, _ = await _enter(conn, audit, ctx, token_hash, now_ms, credential, keys)
         raw = await conn.fetchval(
             "SELECT header FROM artifact_headers WHERE artifact_id = $1 AND principal_id = $2",
             record.artifact_id,
@@ -471,9 +602,10 @@ async def header(
             ctx,
             action="link.header",
             resource={"type": "artifact", "id": record.artifact_id},
-            details={"link": record.id, "recipient": record.recipient.name},
+            details={"link": record.id, "recipient": record.recipient.name, "session": session},
+            actor=record.recipient.actor,
         )
-    return record, bytes(raw)
+    return bytes(raw)
 
 
 async def file_url(
@@ -483,27 +615,29 @@ async def file_url(
     ctx: Context,
     token_hash: bytes,
     now_ms: int,
+    credential: Credential,
+    keys: ProofKeys,
     *,
     index: int,
-    session: str | None,
     range_header: str | None,
     ttl_s: int,
 ) -> tuple[str, str]:
     """A presigned GET for one file (checked against the Range asked for); return (url, session).
 
-    Without a session, this request opens (and counts) one."""
+    The first request carrying a fresh proof opens (and counts) the session; every later one with
+    the same proof, or with the session's id, continues it."""
     async with db.transaction() as conn:
-        record = await _check(conn, token_hash, now_ms, counting=session is None, ip=ctx.ip)
+        row = await conn.fetchone(_RECORD_SELECT, token_hash)
+        if row is None:
+            raise LinkRefused("link-unknown")
         # The one file asked for: an artifact may have thousands, and this is every redirect.
-        f = (await _files_named(conn, record.artifact_id, [index])).get(index)
+        f = (await files_named(conn, row["artifact_id"], [index])).get(index)
         if f is None:
-            count = await conn.fetchval("SELECT file_count FROM artifacts WHERE id = $1", record.artifact_id)
+            check_link(_record(row), now_ms, counting=False, ip=ctx.ip)
+            count = await conn.fetchval("SELECT file_count FROM artifacts WHERE id = $1", row["artifact_id"])
             raise NotFound(f"the artifact has files 0 to {count - 1}, not {index}", code="no-such-file")
         byte_range = check_range(range_header, f.ciphertext_size)
-        if session is None:
-            session = await _open(conn, audit, ctx, record, now_ms)
-        else:
-            session = await _session_of(conn, record, session)
+        record, session, _ = await _enter(conn, audit, ctx, token_hash, now_ms, credential, keys)
         await audit.append(
             conn,
             ctx,
@@ -516,6 +650,7 @@ async def file_url(
                 "range": None if byte_range is None else f"{byte_range[0]}-{byte_range[1]}",
                 "ttl_s": ttl_s,
             },
+            actor=record.recipient.actor,
         )
     return storage.presign_get(f.object_key, ttl_s=ttl_s), session
 
@@ -615,7 +750,7 @@ async def create(
     token = new_token()
     link_id = new_id("lnk")
     async with db.transaction() as conn:
-        artifact = await _visible(conn, principal, artifact_id)
+        artifact = await visible_artifact(conn, principal, artifact_id)
         require_owner(principal, artifact)
         if artifact.status != "complete":
             raise Conflict(
@@ -709,7 +844,7 @@ async def revoke(
         if row is None:
             raise NotFound(f"no link {link_id!r}")
         try:
-            artifact = await _visible(conn, principal, row["artifact_id"])
+            artifact = await visible_artifact(conn, principal, row["artifact_id"])
             require_owner(principal, artifact)
         except (NotFound, PermissionDenied):
             raise NotFound(f"no link {link_id!r}") from None

@@ -10,7 +10,7 @@ uses it is signed by its bound uploader, because the artifact's manifest must be
 the service knows. A leaked upload link is useless to anyone else; asked about by anyone but its
 uploader, it answers exactly as an unknown token does.
 
-Using it is the ordinary upload (`artifacts.create` with a `claim`), with three differences: the
+Using it is the ordinary upload (`uploads.create` with a `claim`), with three differences: the
 artifact belongs to the link's organisation; its headers are for that organisation's active
 developers and the uploader; and the creating transaction spends the link with a guarded UPDATE,
 so of two racing uploads one wins. Revoking a link whose upload is still running aborts it.
@@ -26,10 +26,11 @@ from ..db import Connection, Database, Row
 from ..errors import Conflict, NotFound, ValidationError
 from ..format.manifest import KINDS
 from ..storage import Storage
-from . import artifacts
+from . import uploads
 from .audit import AuditLog, Context
-from .links import LinkRefused, hash_token, new_token, parse_token
 from .principals import Principal, get_principal, new_id, require_role
+from .records import find_artifact
+from .tokens import LinkRefused, hash_token, new_token, parse_token
 
 __all__ = [
     "TOKEN_PREFIX",
@@ -275,11 +276,13 @@ async def revoke(
         )
     if row["artifact_id"] is not None:
         async with db.read() as conn:
-            started = await artifacts._artifact(conn, row["artifact_id"])
+            started = await find_artifact(conn, row["artifact_id"])
         if started is not None and started.status == "uploading":
             # Completed or aborted meanwhile (Conflict): nothing is left running either way.
             with contextlib.suppress(Conflict):
-                await artifacts._abort(db, storage, audit, ctx, started, now_ms, action="artifact.abort")
+                await uploads.abort_artifact(
+                    db, storage, audit, ctx, started, now_ms, action="artifact.abort"
+                )
     async with db.read() as conn:
         final = await conn.fetchone(_SELECT + " WHERE u.id = $1", link_id)
     assert final is not None
@@ -312,10 +315,10 @@ async def inspect(
     return link, recipients, None if status is None else str(status)
 
 
-def claim(principal: Principal, token_hash: bytes, now_ms: int) -> artifacts.Claim:
-    """The `claim` for `artifacts.create` that spends the upload link `token_hash`."""
+def claim(principal: Principal, token_hash: bytes, now_ms: int) -> uploads.Claim:
+    """The `claim` for `uploads.create` that spends the upload link `token_hash`."""
 
-    async def decide(conn: Connection, artifact_id: str, kind: str, total: int) -> artifacts.Target:
+    async def decide(conn: Connection, artifact_id: str, kind: str, total: int) -> uploads.Target:
         link = await _by_token(conn, token_hash)
         check_usable(link, principal, now_ms)
         if kind != link.kind:
@@ -337,7 +340,7 @@ def claim(principal: Principal, token_hash: bytes, now_ms: int) -> artifacts.Cla
             if won != 1:
                 raise LinkRefused("link-used", link_id=link.id)
 
-        return artifacts.Target(
+        return uploads.Target(
             org_id=link.org_id,
             org_name=link.org_name,
             extra={},

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict
 
-from exchange.seaweed import S3Credentials, SeaweedFS
+from exchange.dev.seaweed import S3Credentials, SeaweedFS
 from tests.conftest import BUCKET, FakeClock, Stack, start_stack
 
 

@@ -257,3 +257,47 @@ async def test_bad_query_parameters(stack: Stack) -> None:
             with pytest.raises(Exception) as err:
                 await c.request("GET", "/v1/principals", params=params)
             assert getattr(err.value, "code", None) == "invalid-input", params
+
+
+def _flip_last_bits(b64: str) -> str:
+    """The same bytes in a second spelling: stray low bits in the last base64 character."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    body = b64.rstrip("=")
+    last = alphabet[alphabet.index(body[-1]) | 1]
+    return body[:-1] + last + b64[len(body) :]
+
+
+def _bad_checksum(recipient: str) -> str:
+    return recipient[:-1] + ("q" if recipient[-1] != "q" else "p")
+
+
+@pytest.mark.parametrize(
+    ("field", "spoil", "hint"),
+    [
+        ("signing_public_key", _flip_last_bits, "canonical base64"),
+        ("age_recipient", _bad_checksum, "Bech32 checksum"),
+    ],
+    ids=["non-canonical-base64-key", "bech32-checksum"],
+)
+async def test_enrolment_fields_the_schema_refuses(stack: Stack, field: str, spoil: Any, hint: str) -> None:
+    """What the schema admits is what the handler accepts: a second spelling of a key, or an age
+    recipient whose checksum fails, is refused by the body check itself (400, naming the field),
+    so the published schema says what is refused (format `age-recipient`)."""
+    async with stack.client(stack.admin) as admin:
+        await admin.create_org("lab")
+        invite = await admin.create_invite(role="tester", org="lab")
+    identity = Identity.generate()
+    body = {"code": invite["code"], "name": "tess"} | identity.public.to_json()
+    body = {k: body[k] for k in ("code", "name", "signing_public_key", "age_recipient")}
+    body[field] = spoil(body[field])
+    before = await counts(stack)
+    async with stack.client() as anon:
+        with pytest.raises(Exception) as err:
+            await anon.request("POST", "/v1/enroll", json_body=body, signer=identity)
+    assert getattr(err.value, "code", None) == "invalid-input"
+    assert field in str(err.value) and hint in str(err.value)
+    assert await counts(stack) == before
+    async with stack.client() as anon:
+        doc = await anon.request("GET", "/openapi.json", signed=False)
+    enroll = doc["components"]["schemas"]["Enroll"]["properties"]["age_recipient"]
+    assert enroll["format"] == "age-recipient" and "checksum" in enroll["description"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from minio import Minio
 
-from exchange.seaweed import SeaweedFS
+from exchange.dev.seaweed import SeaweedFS
 from tests.conftest import BUCKET, FakeClock, Stack, start_stack
 
 #: The smallest part size storage accepts (SeaweedFS enforces S3's 5 MiB): 80 encrypted chunks.

@@ -8,22 +8,26 @@ verifier (`exchange.auditverify`), which trusts only the keys the auditor pinned
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 import rfc8785
+from aiohttp.test_utils import TestServer
 
 from exchange import auditverify
+from exchange.api.app import create_app
 from exchange.api.audit import PUBLISHER, SIGNER
-from exchange.api.keys import AUDIT
+from exchange.api.keys import AUDIT, CLOCK
 from exchange.client.audit import AuditClient
+from exchange.db import Database, connect
+from exchange.dev.seaweed import SeaweedFS
 from exchange.format import merkle
 from exchange.identity import Identity
-from exchange.seaweed import SeaweedFS
-from exchange.services.audit import Context, Entry
+from exchange.services.audit import EVENT_COLUMNS, AuditLog, Context, Entry, event_columns
+from exchange.services.auditlog import Publisher
 from tests.conftest import FakeClock, Stack, start_stack
 
 
@@ -85,6 +89,35 @@ async def set_leaf(stack: Stack, idx: int, leaf: bytes) -> None:
         assert await conn.execute("UPDATE audit_events SET leaf = $1 WHERE idx = $2", leaf, idx) == 1
 
 
+async def forge_event(stack: Stack, idx: int, **changes: Any) -> bytes:
+    """Change an event's leaf and every column copied from it alike (a careful forger)."""
+    leaf = edit_leaf((await leaves(stack))[idx], **changes)
+    values = event_columns(json.loads(leaf))
+    sets = ", ".join(f"{name} = ${n}" for n, name in enumerate(EVENT_COLUMNS, start=2))
+    async with stack.db.transaction() as conn:
+        assert (
+            await conn.execute(
+                f"UPDATE audit_events SET leaf = $1, {sets} WHERE idx = ${len(EVENT_COLUMNS) + 2}",  # noqa: S608
+                leaf,
+                *values,
+                idx,
+            )
+            == 1
+        )
+    return leaf
+
+
+async def publish_as_restarted(stack: Stack) -> int | None:
+    """Publish as a freshly started service would: a new publisher, which checks the whole log
+    first (AuditLogDamaged if it does not hold together). The size it signed, if any."""
+    clock = stack.app[CLOCK]
+    log = AuditLog(origin=stack.settings.log_origin, clock=clock)
+    publisher = Publisher(stack.db, log, stack.app[SIGNER], stack.settings, clock)
+    await publisher.check_at_start()
+    note = await publisher.publish()
+    return None if note is None else publisher.check.size
+
+
 async def rebuild_tree(stack: Stack) -> None:
     """Recompute every stored Merkle node from the leaves as they now are (a thorough forger)."""
     nodes: dict[tuple[int, int], bytes] = {}
@@ -99,6 +132,38 @@ async def rebuild_tree(stack: Stack) -> None:
             await conn.execute(
                 "INSERT INTO audit_tree_nodes (level, idx, hash) VALUES ($1, $2, $3)", level, index, h
             )
+
+
+class Restart(Protocol):
+    async def __call__(
+        self, stack: Stack, *, while_stopped: Callable[[Database], Awaitable[None]] | None = None
+    ) -> Stack: ...
+
+
+@pytest.fixture
+async def restart() -> AsyncIterator[Restart]:
+    """Stop a stack's app, optionally do something to its database meanwhile (through a
+    connection of its own), and start a new app on the same settings, database and clock."""
+    started: list[Stack] = []
+
+    async def _restart(
+        stack: Stack, *, while_stopped: Callable[[Database], Awaitable[None]] | None = None
+    ) -> Stack:
+        await stack.server.close()
+        if while_stopped is not None:
+            db = await connect(stack.settings.effective_database_url)
+            try:
+                await while_stopped(db)
+            finally:
+                await db.close()
+        server = TestServer(create_app(stack.settings, clock=stack.app[CLOCK]), host="127.0.0.1")
+        await server.start_server()
+        started.append(Stack(server, stack.settings, stack.admin, stack.tmp_path))
+        return started[-1]
+
+    yield _restart
+    for s in started:
+        await s.server.close()
 
 
 @pytest.fixture

@@ -12,11 +12,11 @@ import pytest
 from exchange.api.audit import SIGNER
 from exchange.api.keys import AUDIT, CLOCK
 from exchange.client.audit import AuditClient
+from exchange.dev.seaweed import SeaweedFS
 from exchange.errors import NotFound, PermissionDenied, ValidationError
 from exchange.format import merkle
 from exchange.format.checkpoint import Checkpoint
 from exchange.format.note import Verifier, open_note
-from exchange.seaweed import SeaweedFS
 from exchange.services import auditlog
 from exchange.services.audit import Actor
 from tests.audit.conftest import Auditor, add_events, leaves, publish

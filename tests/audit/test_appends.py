@@ -71,14 +71,17 @@ async def test_an_oversized_event_takes_no_index(db: Database) -> None:
 
 
 async def test_a_damaged_tree_stops_appends(db: Database) -> None:
+    log = AuditLog(origin="exchange.local/audit", clock=lambda: 1_700_000_000_000)
     async with db.transaction() as conn:
-        await LOG.append_many(conn, CTX, [Entry("x")] * 3)
+        await log.append_many(conn, CTX, [Entry("x")] * 3)
     async with db.transaction() as conn:
         await conn.execute("DELETE FROM audit_tree_nodes WHERE level = 1")
-    with pytest.raises(AuditLogDamaged, match="damaged"):
+    with pytest.raises(AuditLogDamaged, match="missing"):
         async with db.transaction() as conn:
-            await LOG.append(conn, CTX, action="y")
+            await log.append(conn, CTX, action="y")
     assert await db.fetchval("SELECT size FROM audit_head") == 3
+    # The process stays failed closed, even once the nodes are back: only a restart clears it.
+    assert log.damage is not None and "missing" in log.damage
 
 
 async def test_event_ids_are_time_ordered_uuid7(db: Database) -> None:

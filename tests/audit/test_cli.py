@@ -41,13 +41,18 @@ def test_query_export_verify_and_tamper(served: Served) -> None:
     vkey_text = vkey.stdout.strip()
     size = _wait_for_checkpoint(served)
 
-    table = _cli(served, "audit", "query", "--action", "principal.bootstrap", identity=admin)
+    # A query prints only what it verified, so it needs the log's key: none pinned, none given.
+    unkeyed = _cli(served, "audit", "query", "--state", str(state), identity=admin)
+    assert unkeyed.exit_code == 2 and "--vkey" in unkeyed.stderr and not unkeyed.stdout
+    pinned = ("--state", str(state), "--vkey", vkey_text)
+    table = _cli(served, "audit", "query", *pinned, "--action", "principal.bootstrap", identity=admin)
     assert table.exit_code == 0, table.output
     assert "principal.bootstrap" in table.stdout and "cannot prove completeness" in table.stderr
     rows = _cli(
         served,
         "audit",
         "query",
+        *pinned,
         "--outcome",
         "allowed",
         "--since",
@@ -60,9 +65,9 @@ def test_query_export_verify_and_tamper(served: Served) -> None:
     assert rows.exit_code == 0, rows.output
     first = json.loads(rows.stdout.splitlines()[0])
     assert first["event"]["action"] == "principal.bootstrap" and first["proof"] is not None
-    csv = _cli(served, "audit", "query", "--format", "csv", identity=admin)
+    csv = _cli(served, "audit", "query", *pinned, "--format", "csv", identity=admin)
     assert csv.stdout.startswith("idx,time_ms,action,outcome")
-    assert _cli(served, "audit", "query", "--since", "yesterday", identity=admin).exit_code == 2
+    assert _cli(served, "audit", "query", *pinned, "--since", "yesterday", identity=admin).exit_code == 2
 
     bundle = served.home / "bundle-1"
     export = served.run("audit", "export", "--out", str(bundle), "--state", str(state), identity=admin)

@@ -16,16 +16,20 @@ import pytest
 import rfc8785
 
 from exchange import auditverify
-from exchange.api.audit import SIGNER
+from exchange.api.audit import PUBLISHER, SIGNER
+from exchange.errors import AuditLogDamaged, ExchangeError
 from exchange.format import merkle
 from exchange.format.checkpoint import Checkpoint
 from exchange.format.note import Signer, parse_note, sign_note
 from tests.audit.conftest import (
     Auditor,
+    Restart,
     add_events,
     edit_leaf,
+    forge_event,
     leaves,
     publish,
+    publish_as_restarted,
     rebuild_tree,
     set_leaf,
 )
@@ -65,17 +69,20 @@ async def test_modified_leaf(auditor: Auditor, tmp_path: Path) -> None:
 
 
 async def test_modified_leaf_and_its_stored_hashes(auditor: Auditor, tmp_path: Path) -> None:
-    await _verified_baseline(auditor, tmp_path)
-    leaf = (await leaves(auditor.stack))[5]
-    await set_leaf(auditor.stack, 5, edit_leaf(leaf, action="nothing.to.see"))
+    size = await _verified_baseline(auditor, tmp_path)
+    await forge_event(auditor.stack, 5, action="nothing.to.see")
     await rebuild_tree(auditor.stack)
     # The signed checkpoint still commits to the old root.
     assert await _fresh_verdict(auditor, tmp_path, "b") == "root"
-    # Once the service signs the forged tree, it is self-consistent, but not with what was saved.
+    # The service does not sign the forged tree: running, its stored root no longer matches the
+    # frontier it folded from the leaves; restarted, the leaves no longer hash to its checkpoint.
     await add_events(auditor.stack, 1)
-    await publish(auditor.stack)
-    assert await _fresh_verdict(auditor, tmp_path, "c") == "ok"
-    assert auditor.verdict(await auditor.export(tmp_path / "d")) == "fork"
+    assert await auditor.stack.app[PUBLISHER].publish() is None
+    with pytest.raises(AuditLogDamaged, match="checkpoint of size"):
+        await publish_as_restarted(auditor.stack)
+    assert await publish(auditor.stack) == size
+    # Only a forger who also deletes the checkpoints gets a new one signed: that is a fork,
+    # which the auditor's saved state catches (test_rewritten_history_resigned_with_the_real_key).
 
 
 async def test_deleted_middle_row(auditor: Auditor, tmp_path: Path) -> None:
@@ -85,17 +92,21 @@ async def test_deleted_middle_row(auditor: Auditor, tmp_path: Path) -> None:
     assert await _fresh_verdict(auditor, tmp_path, "b") == "entries"
 
 
-async def test_truncated_tail(auditor: Auditor, tmp_path: Path) -> None:
+async def test_truncated_tail(auditor: Auditor, tmp_path: Path, restart: Restart) -> None:
     size = await _verified_baseline(auditor, tmp_path)
     async with auditor.stack.db.transaction() as conn:
         await conn.execute("DELETE FROM audit_events WHERE idx >= $1", size - 3)
-    assert await _fresh_verdict(auditor, tmp_path, "b") == "entries"
-    # A thorough truncation: the head, the nodes and the checkpoints too, then new events.
+    # The service will not append past the gap, so not even the (logged) export runs.
+    with pytest.raises(ExchangeError) as refused:
+        await auditor.export(tmp_path / "b")
+    assert refused.value.code == "audit-log-damaged"
+    # A thorough truncation: the head, the nodes and the checkpoints too, then a restart (the
+    # truncated log holds together) and new events.
     async with auditor.stack.db.transaction() as conn:
-        await conn.execute("DELETE FROM audit_events WHERE idx >= $1", size - 3)
         await conn.execute("UPDATE audit_head SET size = $1", size - 3)
         await conn.execute("DELETE FROM audit_checkpoints")
     await rebuild_tree(auditor.stack)
+    auditor.stack = await restart(auditor.stack)
     await add_events(auditor.stack, 1)
     await publish(auditor.stack)
     assert await _fresh_verdict(auditor, tmp_path, "c") == "ok"
@@ -139,13 +150,13 @@ async def test_inserted_forged_row(auditor: Auditor, tmp_path: Path) -> None:
 
 
 async def _rewrite_history(stack: Stack, idx: int) -> None:
-    """Change a signed event, rebuild the tree, drop the checkpoints and let the real key re-sign."""
-    leaf = (await leaves(stack))[idx]
-    await set_leaf(stack, idx, edit_leaf(leaf, action="rewritten"))
+    """Change a signed event (and its columns), rebuild the tree, drop the checkpoints and let the
+    real key re-sign, as a restarted service does: the rewritten log holds together."""
+    await forge_event(stack, idx, action="rewritten")
     await rebuild_tree(stack)
     async with stack.db.transaction() as conn:
         await conn.execute("DELETE FROM audit_checkpoints")
-    await publish(stack)
+    assert await publish_as_restarted(stack) == await stack.count("audit_events")
 
 
 async def test_rewritten_history_resigned_with_the_real_key(auditor: Auditor, tmp_path: Path) -> None:

@@ -22,9 +22,9 @@ from aiohttp.test_utils import TestServer
 
 from exchange.api.audit import PUBLISHER, SIGNER
 from exchange.api.keys import AUDIT, CLOCK
+from exchange.dev.seaweed import SeaweedFS
 from exchange.format.checkpoint import Checkpoint, verify_cosignature
 from exchange.format.note import Signer, parse_note, sign_note
-from exchange.seaweed import SeaweedFS
 from exchange.services import auditlog
 from exchange.witness import (
     SIZE_CONTENT_TYPE,
@@ -78,8 +78,8 @@ async def witnessed(
         clock,
         audit_checkpoint_interval_s=3600.0,
         audit_heartbeat_s=0,
-        witness_urls=w.url,
-        witness_vkeys=w.key.vkey,
+        witness_urls=(w.url,),
+        witness_vkeys=(w.key.vkey,),
         witness_quorum=1,
         witness_allow_private=True,  # the witness listens on loopback
     )
@@ -116,8 +116,8 @@ async def test_no_checkpoint_without_the_quorum(witnessed: tuple[Stack, RunningW
     stack, w = witnessed
     await add_events(stack, 3)
     settings = stack.settings.replace(
-        witness_urls=f"{w.url},{closed_port_url()}",
-        witness_vkeys=f"{w.key.vkey},{WitnessKey.generate('witness.down.example').vkey}",
+        witness_urls=(w.url, closed_port_url()),
+        witness_vkeys=(w.key.vkey, WitnessKey.generate("witness.down.example").vkey),
         witness_quorum=2,
     )
     publisher = auditlog.Publisher(stack.db, stack.app[AUDIT], stack.app[SIGNER], settings, stack.app[CLOCK])
@@ -257,8 +257,8 @@ async def test_witness_process(
             clock,
             audit_checkpoint_interval_s=3600.0,
             audit_heartbeat_s=0,
-            witness_urls=f"http://127.0.0.1:{port}",
-            witness_vkeys=vkey,
+            witness_urls=(f"http://127.0.0.1:{port}",),
+            witness_vkeys=(vkey,),
             witness_quorum=1,
             witness_allow_private=True,  # the witness listens on loopback
         )

@@ -13,9 +13,9 @@ import pytest
 
 from exchange.client import Client
 from exchange.db import connect
+from exchange.dev.seaweed import SeaweedFS
 from exchange.errors import ExchangeError
 from exchange.identity import Identity
-from exchange.seaweed import SeaweedFS
 from tests.conftest import ServiceProcess, free_port, service_env
 
 ROUNDS = 6

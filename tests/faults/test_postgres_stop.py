@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from exchange.dev.seaweed import SeaweedFS
 from exchange.errors import DependencyError
-from exchange.seaweed import SeaweedFS
 from tests.conftest import FakeClock, start_stack
 from tests.faults.conftest import PrivatePostgres
 

@@ -28,11 +28,11 @@ from exchange.client import artifacts as api
 from exchange.client import links as links_api
 from exchange.client.signing import sign_headers
 from exchange.client.transfer import download
+from exchange.dev.seaweed import SeaweedFS
 from exchange.errors import Conflict, ExchangeError
 from exchange.format import age
 from exchange.format.manifest import FileEntry, Manifest, ciphertext_digest, part_ranges
 from exchange.identity import Identity
-from exchange.seaweed import SeaweedFS
 from exchange.storage import Part, PresignedRequest, Storage
 from tests.artifacts.conftest import SMALL_PART_BYTES
 from tests.artifacts.test_bad_input import HandUpload

@@ -15,8 +15,8 @@ import pytest
 
 from exchange.client import artifacts as api
 from exchange.client.transfer import download, upload
+from exchange.dev.seaweed import S3Credentials, SeaweedFS
 from exchange.errors import ExchangeError
-from exchange.seaweed import S3Credentials, SeaweedFS
 from tests.artifacts.conftest import write
 from tests.conftest import BUCKET, FakeClock, Stack, start_stack
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from exchange.seaweed import SeaweedFS
+from exchange.dev.seaweed import SeaweedFS
 from tests.conftest import FakeClock, Stack, start_stack
 
 

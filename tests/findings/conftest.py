@@ -10,8 +10,8 @@ import pytest
 
 from exchange.client import links
 from exchange.client.transfer import upload
+from exchange.dev.seaweed import SeaweedFS
 from exchange.identity import Identity
-from exchange.seaweed import SeaweedFS
 from tests.artifacts.conftest import write
 from tests.conftest import FakeClock, Stack, start_stack
 
@@ -31,7 +31,7 @@ async def fstack(
         database_url,
         seaweed,
         clock,
-        finding_clearinghouse="clara, nobody-by-that-name",
+        finding_clearinghouse=("clara", "nobody-by-that-name"),
         finding_body_max_bytes=BODY_MAX_BYTES,
     )
     yield s

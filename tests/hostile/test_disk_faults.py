@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from exchange.dev.seaweed import SeaweedFS
 from exchange.errors import DatabaseUnavailable, DependencyError
-from exchange.seaweed import SeaweedFS
 from tests.conftest import FakeClock, start_stack
 
 

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from exchange.seaweed import SeaweedFS
+from exchange.dev.seaweed import SeaweedFS
 from exchange.storage import Storage, new_object_key
 from tests.conftest import BUCKET
 

@@ -20,8 +20,8 @@ from aiohttp.test_utils import TestServer
 
 from exchange.api.audit import SIGNER
 from exchange.api.keys import AUDIT, CLOCK
+from exchange.dev.seaweed import SeaweedFS
 from exchange.errors import ValidationError
-from exchange.seaweed import SeaweedFS
 from exchange.services import auditlog
 from exchange.settings import Settings, is_internal_address
 from exchange.witness import PublicResolver, request_cosignature, witness_session
@@ -62,7 +62,7 @@ def test_internal_witness_urls_are_refused_by_default(url: str) -> None:
     assert "EXCHANGE_WITNESS_ALLOW_PRIVATE" in message  # says how to allow it, on purpose
     # The explicit allowance, and only it, lets the same URL through.
     allowed = Settings.from_mapping({"EXCHANGE_WITNESS_URLS": url, "EXCHANGE_WITNESS_ALLOW_PRIVATE": "1"})
-    assert allowed.witness_url_list == [url]
+    assert allowed.witness_urls == (url,)
 
 
 @pytest.mark.parametrize(
@@ -223,7 +223,7 @@ async def test_a_witness_redirect_is_not_followed(
     try:
         url = str(server.make_url("")).rstrip("/")
         settings = stack.settings.replace(
-            witness_urls=url, witness_vkeys=w.key.vkey, witness_quorum=1, witness_allow_private=True
+            witness_urls=(url,), witness_vkeys=(w.key.vkey,), witness_quorum=1, witness_allow_private=True
         )
         publisher = auditlog.Publisher(
             stack.db, stack.app[AUDIT], stack.app[SIGNER], settings, stack.app[CLOCK]
@@ -241,7 +241,7 @@ async def test_a_witness_redirect_is_not_followed(
             stack.db,
             stack.app[AUDIT],
             stack.app[SIGNER],
-            settings.replace(witness_urls=w.url),
+            settings.replace(witness_urls=(w.url,)),
             stack.app[CLOCK],
         )
         assert await direct.publish() is not None

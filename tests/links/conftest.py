@@ -11,6 +11,7 @@ import aiohttp
 
 from exchange.client import links as api
 from exchange.client.transfer import upload
+from exchange.format import age
 from exchange.identity import Identity
 from tests.artifacts.conftest import write
 from tests.conftest import Stack
@@ -71,6 +72,13 @@ async def fetch(method: str, url: str, *, headers: dict[str, str] | None = None,
             return Answer(resp.status, dict(resp.headers), await resp.read())
 
 
+async def proof(url: str, identity: Identity) -> str:
+    """What the link's challenge decrypts to with `identity`'s age key: the download's proof."""
+    answer = await fetch("GET", f"{url}/challenge")
+    assert answer.status == 200, answer.body
+    return age.decrypt(answer.body, [identity.age_identity]).decode("ascii")
+
+
 async def refusals(stack: Stack, action: str | None = None) -> list[dict[str, Any]]:
     return [
         e
@@ -79,4 +87,4 @@ async def refusals(stack: Stack, action: str | None = None) -> list[dict[str, An
     ]
 
 
-__all__ = ["USER_AGENT", "Answer", "Shared", "fetch", "make_link", "refusals", "share"]
+__all__ = ["USER_AGENT", "Answer", "Shared", "fetch", "make_link", "proof", "refusals", "share"]

@@ -6,16 +6,11 @@ import base64
 
 import pytest
 
-from exchange.api.ratelimit import RateLimited, TokenBuckets
-from exchange.services import links
-from exchange.services.links import (
-    LinkRefused,
-    RangeNotSatisfiable,
-    check_range,
-    hash_token,
-    new_token,
-    parse_token,
-)
+from exchange.api.ratelimit import TokenBuckets
+from exchange.errors import RangeNotSatisfiable, RateLimited
+from exchange.services import links, tokens, uploadlinks
+from exchange.services.links import check_range
+from exchange.services.tokens import LinkRefused, hash_token, new_token, parse_token
 from tests.conftest import FakeClock
 
 
@@ -46,6 +41,16 @@ def test_malformed_tokens(text: str) -> None:
     with pytest.raises(LinkRefused) as refused:
         parse_token(text)
     assert refused.value.reason == "link-malformed" and refused.value.code == "link-unavailable"
+
+
+def test_links_and_upload_links_share_one_token_codec() -> None:
+    # One codec: download links and upload links both parse with `tokens`, each with its prefix.
+    assert tokens.TOKEN_PREFIX != uploadlinks.TOKEN_PREFIX
+    upload_token = new_token(uploadlinks.TOKEN_PREFIX)
+    assert uploadlinks.parse_upload_token(upload_token) == hash_token(upload_token)
+    with pytest.raises(LinkRefused) as refused:
+        uploadlinks.parse_upload_token(new_token())
+    assert refused.value.reason == "link-malformed"
 
 
 @pytest.mark.parametrize(

@@ -17,15 +17,15 @@ import shlex
 import sys
 from collections.abc import Mapping
 
-from .errors import ExchangeError
-from .seaweed import S3Credentials, SeaweedFS, SeaweedStartError
-from .server import bootstrap_with_settings, run_until_stopped
-from .services.auditlog import load_or_create_signer
-from .settings import Settings
+from ..errors import ExchangeError
+from ..server import bootstrap_with_settings, run_until_stopped
+from ..services.auditlog import load_or_create_signer
+from ..settings import Settings
+from .seaweed import S3Credentials, SeaweedFS
 
 __all__ = ["main"]
 
-log = logging.getLogger("exchange.devstack")
+log = logging.getLogger("exchange.dev.devstack")
 
 
 def dev_settings(env: Mapping[str, str]) -> Settings:
@@ -76,7 +76,7 @@ def main() -> None:
     try:
         settings = dev_settings(os.environ)
         asyncio.run(_run(settings))
-    except (ExchangeError, SeaweedStartError) as exc:
+    except ExchangeError as exc:  # SeaweedStartError included
         print(f"exchange: error: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

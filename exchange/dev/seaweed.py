@@ -6,24 +6,50 @@ instances can run side by side. It always configures one S3 identity from `S3Cre
 `start()` only returns once a signed request succeeds *and* an unsigned one is refused: a weed
 without identities allows everything, which would make every auth test pass vacuously.
 
-Layout inside `data_dir`::
+The S3 port is the only way in. weed's other ports are on loopback, where every local user can
+reach them, so each start locks them:
+
+- the master's and the filer's HTTP APIs are not served at all (`-disableHttp`): nothing inside
+  `weed mini` needs them, and the master's would hand out write tokens and delete collections;
+- the volume server, whose HTTP port S3 does need, takes reads, writes and deletes only with a
+  JWT signed by keys that S3, filer and master share (`[jwt.signing]`, `[jwt.signing.read]`;
+  the filer's own keys are set as well, in case its HTTP API is ever served again);
+- every gRPC port demands a client certificate (mutual TLS) from a CA made for this start and
+  whose private key is never written down, so nothing but this weed can get a certificate.
+
+weed quietly serves plaintext gRPC for any service it finds no certificate for, and HTTP
+without tokens when a key is missing, so `start()` also waits until every gRPC port refuses a
+plaintext client, the volume server refuses a read without a token, and the filer and master
+refuse their API: a weed configured short of that fails to start instead of running open.
+
+Layout inside `data_dir` (the directory itself is made private, 0700)::
 
     seaweed/              weed's own data (volumes, filer metadata, master state)
     s3-identities.json    the identity file given to `-s3.config` (mode 0600, holds the secret)
+    security.toml         JWT keys and gRPC TLS paths, read through `-config_dir` (mode 0600)
+    grpc-ca.pem           the CA certificate of this start
+    grpc-cert.pem         the one certificate every weed service serves and dials with
+    grpc-key.pem          its private key (mode 0600)
     weed.log              weed's stdout and stderr, appended across starts
+
+Keys, certificates and `security.toml` are new at every start (nothing weed stores depends on
+them: tokens live ten seconds, TLS sessions one connection), so `restart()` rotates them.
 
 What it deliberately does not do:
 
 - It is for development and tests only. Production uses MinIO or AWS S3, configured elsewhere;
   nothing in the service imports this module.
-- It does not secure weed's internal ports. Master, volume server and filer listen on loopback
-  without authentication, so any local user can read the stored bytes through them. Only the
-  S3 port checks signatures.
+- It does not guard against the user it runs as: whoever can read `data_dir` has the keys, and
+  whoever can write it has the data. Nor does it hide metadata that weed serves without a
+  token: the master's status page and the volume server's `/status` (volume ids, sizes, disk
+  usage) stay readable to every local user.
+- It does not serve TLS on the S3 port; loopback traffic is visible only to root.
 - It does not start WebDAV, the Iceberg or Lance catalogs or the admin UI, sends no telemetry,
   and does not auto-create buckets on upload (AWS answers NoSuchBucket, so weed does too here).
 - It does not let its own environment leak in: AWS_*, WEED_* and S3_* variables are not passed
-  to weed (it would add AWS_ACCESS_KEY_ID as a second admin identity), and HOME and the working
-  directory point into `data_dir`, so no stray security.toml is picked up.
+  to weed (it would add AWS_ACCESS_KEY_ID as a second admin identity, and WEED_JWT_* would
+  override the keys), `-config_dir` puts our security.toml first in weed's search path, and HOME
+  and the working directory point into `data_dir`, so no stray configuration is picked up.
 - It does not hide weed's failures: a start that fails raises `SeaweedStartError` (a
   `RuntimeError`) carrying the tail of `weed.log`.
 """
@@ -32,6 +58,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import datetime
 import http.client
 import ipaddress
 import json
@@ -51,6 +78,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from html.parser import HTMLParser
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Self
@@ -58,6 +86,13 @@ from typing import TYPE_CHECKING, Self
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from ..errors import DependencyError
+from ..files import write_atomic
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -82,6 +117,20 @@ _PORT_CONFLICT = re.compile(r"address already in use|is not available on|Port al
 # weed reads these from its environment: AWS_* would add the developer's own keys as an extra
 # admin identity, WEED_* and S3_* change its configuration behind our command line.
 _SCRUBBED_ENV_PREFIXES = ("AWS_", "WEED_", "S3_")
+# security.toml sections whose key gates HTTP: volume writes and deletes, volume reads, filer
+# writes, filer reads. weed's S3 gateway, filer and master mint the tokens themselves.
+_JWT_SECTIONS = ("jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read")
+# Every name under which a weed mini service looks up its gRPC certificate, as server or client.
+_GRPC_COMPONENTS = ("master", "volume", "filer", "s3", "admin", "worker", "client")
+# Ten years: the certificates are remade at every start, so they need only outlive one run.
+_CERT_LIFETIME = datetime.timedelta(days=3650)
+# An HTTP/2 client preface and an empty SETTINGS frame: a plaintext gRPC server answers it with a
+# SETTINGS frame of its own, a TLS one hangs up (the bytes are not a TLS record).
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+_H2_SETTINGS = 4
+# A well-formed file id (volume 1, needle 1, cookie 0): the volume server checks the read token
+# before it looks for the volume, so the answer is 401 whether or not volume 1 exists.
+_PROBE_FID = "1,0100000000"
 
 _reserved_ports: set[int] = set()
 _reserved_lock = threading.Lock()
@@ -90,13 +139,20 @@ _reserved_lock = threading.Lock()
 _live: set[SeaweedFS] = set()
 
 
-class SeaweedStartError(RuntimeError):
+class SeaweedStartError(DependencyError, RuntimeError):
     """weed exited or did not come up in time; the message ends with the tail of its log."""
+
+    code = "seaweed-start"
+    title = "SeaweedFS did not start"
 
     def __init__(self, message: str, log_tail: str) -> None:
         super().__init__(f"{message}; last lines of the weed log:\n{log_tail}")
         self.log_tail = log_tail
         self.port_conflict = bool(_PORT_CONFLICT.search(log_tail))
+
+
+class _PortOpen(Exception):
+    """An internal weed port served a request that carried no key (start() turns it into the above)."""
 
 
 @dataclass(frozen=True)
@@ -131,8 +187,9 @@ class S3Credentials:
         except FileNotFoundError:
             pass
         created = cls.generate()
+        path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            _write_private(path, created._to_json(), replace=False)
+            write_atomic(path, created._to_json(), overwrite=False)
         except FileExistsError:
             return cls._load(path)  # another process created it first; use theirs
         return created
@@ -240,11 +297,13 @@ class SeaweedFS:
         weed = find_weed()
         weed_dir = self.data_dir / "seaweed"
         weed_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)  # it holds the keys; other users need nothing in it
         # weed rewrites mini.options on every start and applies it on the next one to flags left at
         # their defaults; remove it so a file from an earlier run cannot override this command line.
         (weed_dir / "mini.options").unlink(missing_ok=True)
         config = self.data_dir / "s3-identities.json"
-        _write_private(config, self._identities_json(), replace=True)
+        write_atomic(config, self._identities_json(), overwrite=True)
+        _write_security_config(self.data_dir, self.host)
         if self._socket_dir is None or not self._socket_dir.is_dir():
             # weed's default unix sockets are /tmp/seaweedfs-<service>-<port>.sock and outlive it;
             # a private directory keeps them apart and is removed by stop(). Not data_dir: a unix
@@ -356,6 +415,8 @@ class SeaweedFS:
         assert sockets is not None
         return [
             str(weed),
+            # A global flag, so before the command: security.toml is looked up here first.
+            f"-config_dir={self.data_dir}",
             "mini",
             f"-dir={weed_dir}",
             # -ip is what services advertise to each other, -ip.bind what they listen on; the
@@ -376,6 +437,9 @@ class SeaweedFS:
             "-admin.ui=false",  # the admin server still runs (weed needs it) but serves /health only
             "-master.telemetry=false",
             "-volume.preStopSeconds=0",  # a dev store has no clients to drain; stop in ~1 s
+            # No master or filer HTTP API: S3 reaches both over gRPC and the volume server over
+            # HTTP. Only health checks and the master's status page remain.
+            "-disableHttp",
             f"-filer.localSocket={sockets / 'filer.sock'}",
             f"-s3.localSocket={sockets / 's3.sock'}",
         ]
@@ -389,7 +453,7 @@ class SeaweedFS:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as logfile:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            logfile.write(f"\n=== {stamp} exchange.seaweed: {' '.join(command)}\n".encode())
+            logfile.write(f"\n=== {stamp} exchange.dev.seaweed: {' '.join(command)}\n".encode())
             logfile.flush()
             offset = logfile.tell()
             log.debug("starting %s", " ".join(command))
@@ -418,11 +482,12 @@ class SeaweedFS:
                 self._after_exit()
                 raise SeaweedStartError(f"weed exited with status {code} during startup", tail)
             # Ready means: unsigned requests are refused (so the identity file is in force), signed
-            # ones succeed, and the master knows every volume already on disk. S3 answers before
-            # the volume server's first heartbeat lands, and until it does, reading an object stored
-            # by an earlier run fails with "volume N not found" (HTTP 500). The cheap unsigned
-            # probe goes first, with a short timeout, so that whatever else may hold the port
-            # while weed dies cannot stall the loop.
+            # ones succeed, the master knows every volume already on disk, and the internal ports
+            # refuse anyone without keys (see the module docstring). S3 answers before the volume
+            # server's first heartbeat lands, and until it does, reading an object stored by an
+            # earlier run fails with "volume N not found" (HTTP 500). The cheap unsigned probe
+            # goes first, with a short timeout, so that whatever else may hold the port while weed
+            # dies cannot stall the loop.
             status = self._get_status(self.s3_port, "/")
             if status is None:
                 last_problem = "S3 port not answering yet"
@@ -434,10 +499,19 @@ class SeaweedFS:
                 except (BotoCoreError, ClientError) as exc:
                     last_problem = f"signed ListBuckets failed: {exc}"
                 else:
-                    missing = volumes - self._volume_ids_in_master()
-                    if not missing:
+                    missing = self._volumes_unknown_to_master(volumes)
+                    try:
+                        waiting_for = self._unguarded_port()
+                    except _PortOpen as exc:
+                        tail = self._log_tail(log_offset)
+                        self.kill()
+                        raise SeaweedStartError(f"weed came up unprotected ({exc})", tail) from None
+                    if missing:
+                        last_problem = f"the master does not know volumes {sorted(missing)} yet"
+                    elif waiting_for is not None:
+                        last_problem = waiting_for
+                    else:
                         return
-                    last_problem = f"the master does not know volumes {sorted(missing)} yet"
             if time.monotonic() >= deadline:
                 tail = self._log_tail(log_offset)
                 self.kill()
@@ -456,14 +530,45 @@ class SeaweedFS:
         finally:
             conn.close()
 
-    def _volume_ids_in_master(self) -> set[int]:
-        answer = self._get_status(self._ports_or_fail()["master"], "/vol/status")
+    def _volumes_unknown_to_master(self, volumes: set[int]) -> set[int]:
+        """Which of `volumes` the master's status page does not list (all of them when unreadable)."""
+        # With the master's HTTP API off, its status page is the one place that lists volumes.
+        answer = self._get_status(self._ports_or_fail()["master"], "/")
         if answer is None or answer[0] != 200:
-            return set()
-        try:
-            return _volume_ids_in(json.loads(answer[1]))
-        except ValueError:
-            return set()
+            return volumes
+        listed, complete = _volume_ids_on_status_page(answer[1].decode(errors="replace"))
+        if not complete:  # the page lists the lowest 100 ids; those above cannot be checked
+            return {v for v in volumes - listed if not listed or v < max(listed)}
+        return volumes - listed
+
+    def _unguarded_port(self) -> str | None:
+        """What is not answering yet, or None once every internal port refuses a caller without keys.
+
+        Raises `_PortOpen` when a port serves such a caller: that is weed's configuration, and no
+        amount of waiting changes it.
+        """
+        ports = self._ports_or_fail()
+        for name in _SERVICES:
+            port = ports[name + ".grpc"]
+            speaks_plaintext = _speaks_plaintext_grpc(self.host, port)
+            if speaks_plaintext is None:
+                return f"the {name} gRPC port {port} is not answering yet"
+            if speaks_plaintext:
+                raise _PortOpen(f"the {name} gRPC port {port} accepts clients without a certificate")
+        # Not served (404) or token required (401) both refuse; a 5xx may be a service still
+        # coming up; any other answer means the request was served.
+        expected = (
+            ("filer", "/", (401, 404)),
+            ("master", "/dir/status", (404,)),
+            ("volume", f"/{_PROBE_FID}", (401,)),
+        )
+        for name, path, refusals in expected:
+            status = self._get_status(ports[name], path)
+            if status is None or status[0] >= 500:
+                return f"the {name} HTTP port is not answering yet"
+            if status[0] not in refusals:
+                raise _PortOpen(f"the {name} HTTP port answered GET {path} without a token: HTTP {status[0]}")
+        return None
 
     def _client(self, credentials: S3Credentials, *, connect_timeout: float, read_timeout: float) -> S3Client:
         config = Config(
@@ -509,14 +614,59 @@ def _volume_ids_on_disk(weed_dir: Path) -> set[int]:
     return ids
 
 
-def _volume_ids_in(status: object) -> set[int]:
-    """Volume ids in the master's /vol/status answer (volumes nested by data center, rack, node)."""
-    if isinstance(status, list):
-        return set().union(*(_volume_ids_in(item) for item in status))
-    if isinstance(status, dict):
-        own = {status["Id"]} if isinstance(status.get("Id"), int) and "Collection" in status else set()
-        return own.union(*(_volume_ids_in(value) for value in status.values()))
-    return set()
+class _TableRows(HTMLParser):
+    """The text of every table row's cells (th and td alike), in document order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[list[str]] = []
+        self._row: list[str] | None = None
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "tr":
+            self._row = []
+        elif tag in ("td", "th") and self._row is not None:
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._row is not None and self._cell is not None:
+            self._row.append(" ".join("".join(self._cell).split()))
+            self._cell = None
+        elif tag == "tr" and self._row is not None:
+            self.rows.append(self._row)
+            self._row = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def _volume_ids_on_status_page(page: str) -> tuple[set[int], bool]:
+    """(volume ids, complete) from the "Volume Ids" column of the master's topology table.
+
+    weed prints each data node's ids as ranges ("1-3 7 9-12"), and only the lowest 100 of them
+    followed by "..." on a larger node; `complete` is False then.
+    """
+    parser = _TableRows()
+    parser.feed(page)
+    ids: set[int] = set()
+    complete = True
+    column: int | None = None
+    width = 0
+    for row in parser.rows:
+        if "Volume Ids" in row:
+            column, width = row.index("Volume Ids"), len(row)
+            continue
+        if column is None or len(row) != width:
+            continue
+        for item in row[column].split():
+            low, _, high = item.partition("-")
+            if item == "...":
+                complete = False
+            elif low.isdigit() and (not high or high.isdigit()):
+                ids.update(range(int(low), int(high or low) + 1))
+    return ids, complete
 
 
 def _pick_ports(host: str, s3_port: int | None) -> dict[str, int]:
@@ -566,6 +716,86 @@ def _port_is_free(host: str, port: int) -> bool:
     return True
 
 
+def _speaks_plaintext_grpc(host: str, port: int) -> bool | None:
+    """Whether a gRPC server on `port` talks to a client without TLS; None when it cannot be told."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as conn:
+            conn.sendall(_H2_PREFACE)
+            answer = conn.recv(9)
+    except ConnectionResetError:
+        return False  # hung up on bytes that are not TLS
+    except OSError:
+        return None  # not listening yet, or silent: ask again
+    # A 9-byte frame header whose type byte says SETTINGS; b"" (hung up) or a TLS alert is a refusal.
+    return len(answer) >= 4 and answer[3] == _H2_SETTINGS
+
+
+def _write_security_config(data_dir: Path, host: str) -> None:
+    """Write fresh JWT keys and gRPC TLS files for one start of weed into `data_dir`."""
+    ca_pem, cert_pem, key_pem = _grpc_tls_material(host)
+    ca, cert, key = data_dir / "grpc-ca.pem", data_dir / "grpc-cert.pem", data_dir / "grpc-key.pem"
+    for path, pem in ((ca, ca_pem), (cert, cert_pem), (key, key_pem)):
+        write_atomic(path, pem, overwrite=True)
+    # json.dumps writes a valid TOML basic string for any path (same escapes, ASCII only).
+    lines = [f"[{section}]\nkey = {json.dumps(secrets.token_hex(32))}\n" for section in _JWT_SECTIONS]
+    lines.append("[access]\nui = false\n")  # the volume server's status page: no token, no page
+    lines.append(f"[grpc]\nca = {json.dumps(str(ca))}\n")
+    lines += [
+        f"[grpc.{name}]\ncert = {json.dumps(str(cert))}\nkey = {json.dumps(str(key))}\n"
+        for name in _GRPC_COMPONENTS
+    ]
+    write_atomic(data_dir / "security.toml", "\n".join(lines).encode(), overwrite=True)
+
+
+def _grpc_tls_material(host: str) -> tuple[bytes, bytes, bytes]:
+    """(CA certificate, leaf certificate, leaf private key) as PEM; the CA's key is discarded.
+
+    One leaf serves every weed service as server and as client: they all run in one process,
+    and the point is only that nobody else holds a certificate from this CA.
+    """
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "exchange local weed CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + _CERT_LIFETIME)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "exchange local weed")]))
+        .issuer_name(ca_name)
+        .public_key(leaf_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + _CERT_LIFETIME)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.IPv4Address(host)), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key_pem = leaf_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    pem = serialization.Encoding.PEM
+    return ca.public_bytes(pem), leaf.public_bytes(pem), key_pem
+
+
 def _release_ports(ports: Iterable[int]) -> None:
     with _reserved_lock:
         _reserved_ports.difference_update(ports)
@@ -592,23 +822,6 @@ def _remove_stale_socket(path: Path) -> None:
             path.unlink(missing_ok=True)
         except OSError:
             return
-
-
-def _write_private(path: Path, data: bytes, *, replace: bool) -> None:
-    """Write `data` to `path` atomically with mode 0600, replacing it or failing if it exists."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp creates it 0600
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if replace:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)  # atomic create-if-absent: FileExistsError when someone was first
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 @atexit.register

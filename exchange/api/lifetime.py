@@ -1,0 +1,96 @@
+"""Everything the service opens, runs and closes: one cleanup context, its order in code.
+
+On start, each step needs the ones before it:
+
+1. the database (migrated) and the storage client;
+2. the log's signing key, loaded once: it signs checkpoints, and link proofs derive their key
+   from it;
+3. what lives in memory per replica: the redemption buckets, the refusal ledger and the
+   failure budgets;
+4. the checkpoint publisher, after the log's start check (a damaged log starts failed closed);
+5. the background tasks: nonce purging, the abandoned-upload sweep, the publisher, the refusal
+   summaries.
+
+On stop, the reverse: the tasks are cancelled (newest first), the refusal counts still pending
+are written while the database is open, then storage and the database close. A step that
+fails on start undoes the steps before it.
+
+What this module does not do: decide anything. Each task's work lives with its subject
+(`artifacts.sweep_forever`, `refusals.flush_forever`, `auditlog.Publisher.run_forever`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from ..db import connect, migrate
+from ..errors import DependencyError
+from ..services import nonces
+from ..services.auditlog import load_or_create_signer
+from ..storage import Storage
+from . import artifacts, audit, links, refusals
+from .keys import CLOCK, DB, SETTINGS, STORAGE
+from .routing import running
+
+__all__ = ["lifetime"]
+
+log = logging.getLogger("exchange.api")
+
+#: How often seen nonces that no signature could reuse any more are deleted.
+NONCE_PURGE_INTERVAL_S = 60.0
+
+
+async def lifetime(app: web.Application) -> AsyncIterator[None]:
+    """The app's one cleanup context (see the module's docstring for the order)."""
+    settings = app[SETTINGS]
+    async with contextlib.AsyncExitStack() as stack:
+        # 1. the database and storage
+        db = await connect(settings.effective_database_url)
+        stack.push_async_callback(db.close)
+        await migrate(db)
+        app[DB] = db
+        storage = Storage(
+            endpoint=settings.s3_endpoint,
+            public_endpoint=settings.effective_s3_public_endpoint,
+            region=settings.s3_region,
+            bucket=settings.s3_bucket,
+            access_key_id=settings.s3_access_key_id,
+            secret_access_key=settings.s3_secret_access_key,
+            timeout_s=settings.storage_timeout_s,
+        )
+        stack.push_async_callback(storage.close)
+        app[STORAGE] = storage
+        # 2. the log key
+        signer = await asyncio.to_thread(
+            load_or_create_signer, settings.effective_log_signing_key_file, settings.log_origin
+        )
+        links.setup_proof_keys(app, signer)
+        # 3. per-replica memory; the refusal counts are written back before the database closes
+        links.setup_limits(app)
+        refusals.setup_ledger(app)
+        stack.push_async_callback(refusals.final_flush, app)
+        # 4. the publisher, after the log's start check
+        publisher = await audit.start_publisher(app, signer)
+        # 5. the background tasks
+        for task in (
+            _purge_nonces_forever(app),
+            artifacts.sweep_forever(app),
+            publisher.run_forever(),
+            refusals.flush_forever(app),
+        ):
+            await stack.enter_async_context(running(task))
+        yield
+
+
+async def _purge_nonces_forever(app: web.Application) -> None:
+    while True:
+        await asyncio.sleep(NONCE_PURGE_INTERVAL_S)
+        try:
+            await nonces.purge(app[DB], app[CLOCK]())
+        except DependencyError:
+            log.warning("nonce purge skipped: database unavailable")
