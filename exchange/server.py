@@ -5,19 +5,28 @@ entry point; `scripts/run` goes through `devstack`, which first starts a local S
 calls the same functions. Serving goes through `api.connections.start_site` (deadlines for slow
 clients, caps on connections), with link tokens redacted from every log record
 (`redaction.install_redaction`) and the descriptor limit raised to fit the connection cap.
+Logs are text or one JSON object a line (`log_format`), either way formatted from the already
+redacted record. Metrics are served on a listener of their own (`metrics_port`, `api.metrics`).
+On SIGTERM or SIGINT the listener closes at once, requests in flight get `shutdown_grace_s` to
+finish, and then the app's cleanup context closes everything.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .api.app import create_app, system_clock
+from aiohttp import web
+
+from .api.app import IN_FLIGHT, REQUEST_ID, create_app, system_clock
 from .api.connections import start_site
+from .api.metrics import start_metrics_site
 from .db import connect, migrate
 from .errors import ValidationError
 from .identity import Identity
@@ -26,7 +35,7 @@ from .services.audit import SYSTEM, AuditLog, Context
 from .services.principals import bootstrap_admin, principal_json
 from .settings import Settings
 
-__all__ = ["bootstrap", "run_until_stopped", "serve"]
+__all__ = ["JsonFormatter", "bootstrap", "run_until_stopped", "serve"]
 
 log = logging.getLogger("exchange.server")
 
@@ -108,8 +117,48 @@ def fit_descriptor_limit(settings: Settings) -> Settings:
     return settings
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message, the request id while a request is
+    handled, and a traceback when there is one. It formats the record as the handler's filters
+    left it (`RedactingFilter` runs first: filters run before the formatter)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        request_id = REQUEST_ID.get()
+        if request_id is not None:
+            line["request_id"] = request_id
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line["exc"] = record.exc_text
+        if record.stack_info:
+            line["stack"] = record.stack_info
+        return json.dumps(line, ensure_ascii=False)
+
+
+JsonFormatter.converter = time.gmtime
+
+
+def configure_logging(settings: Settings) -> None:
+    """The root handler, in the configured format; redaction goes on it in `run_until_stopped`."""
+    if settings.log_format == "json":
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter())
+        logging.basicConfig(level=logging.INFO, handlers=[handler])
+    else:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        # Access lines only where a log pipeline can use them (request ids, one object a line).
+        logging.getLogger("exchange.access").setLevel(logging.WARNING)
+
+
 async def run_until_stopped(settings: Settings) -> None:
-    """Serve until SIGINT or SIGTERM; then close every resource the app opened.
+    """Serve until SIGINT or SIGTERM; then stop accepting connections, give requests in flight
+    `shutdown_grace_s` to finish (cancelling any left), and close every resource the app opened.
 
     Every log record the process writes from here on passes through link-token redaction.
     """
@@ -117,22 +166,49 @@ async def run_until_stopped(settings: Settings) -> None:
     settings = fit_descriptor_limit(settings)
     app = create_app(settings)
     runner, _ = await start_site(app, settings)
+    metrics_runner: web.AppRunner | None = None
     try:
+        if settings.metrics_port:
+            metrics_runner, port = await start_metrics_site(
+                app, host=settings.metrics_host, port=settings.metrics_port
+            )
+            log.info("metrics listening on %s port %d", settings.metrics_host, port)
         log.info("exchange API listening on %s", settings.effective_public_url)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+        # aiohttp's own cleanup would wait up to its fixed 60 s for handlers; ours is a setting.
+        # Closing the listener first refuses new connections while the others finish.
+        for site in list(runner.sites):
+            await site.stop()
+        in_flight = app[IN_FLIGHT]
+        if in_flight.tasks:
+            log.info(
+                "stopping: waiting up to %g s for %d requests in flight",
+                settings.shutdown_grace_s,
+                len(in_flight.tasks),
+            )
+        cancelled = await in_flight.drain(settings.shutdown_grace_s)
+        if cancelled:
+            log.warning(
+                "stopping: cancelled %d requests still running after %g s",
+                cancelled,
+                settings.shutdown_grace_s,
+            )
     finally:
         await runner.cleanup()
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
+    log.info("exchange API stopped")
 
 
 def serve(env: Mapping[str, str]) -> None:
     settings = Settings.from_mapping(env)
     if not settings.s3_endpoint:
         raise ValidationError("EXCHANGE_S3_ENDPOINT is not set (scripts/run starts a local store for you)")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings)
     # uvloop's event loop (libuv) spends about a third less CPU per request than asyncio's own
     # (`scripts/bench-api`); the standard loop where uvloop is not installed (Windows).
     try:

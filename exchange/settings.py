@@ -66,6 +66,19 @@ class Settings:
     #: Largest JSON request body the API accepts.
     max_body_bytes: int = 1024 * 1024
 
+    # -- operations -----------------------------------------------------------------------------
+    #: Port of the Prometheus `/metrics` listener, apart from the API's (0: no listener). Off by
+    #: default: it answers anyone who can reach it, so the operator chooses where it listens.
+    metrics_port: int = 0
+    #: Address the metrics listener binds. Loopback by default: scrape through a sidecar, or set
+    #: the pod's address where only the monitoring network reaches it.
+    metrics_host: str = "127.0.0.1"
+    #: Log line format of `exchange serve`: `text`, or `json` (one object a line, with request ids).
+    log_format: str = "text"
+    #: On SIGTERM, how long requests in flight may take to finish before they are cancelled; no
+    #: new connection is accepted meanwhile. Below Kubernetes' default 30 s grace period.
+    shutdown_grace_s: float = 25.0
+
     # -- connections ----------------------------------------------------------------------------
     #: A connection must deliver a request's complete headers this long after it opened, or after
     #: the first byte of a later request on it; otherwise it is closed (slow-header clients).
@@ -187,8 +200,18 @@ class Settings:
                 )
             if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
                 raise ValidationError(f"setting {f.name} must not be negative (got {value})")
-        if not 0 <= self.port <= 65535 or not 0 <= self.s3_port <= 65535:
+        if (
+            not 0 <= self.port <= 65535
+            or not 0 <= self.s3_port <= 65535
+            or not 0 <= self.metrics_port <= 65535
+        ):
             raise ValidationError("ports must be between 0 and 65535")
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ValidationError("metrics_port must differ from port: metrics are never served on the API")
+        if self.log_format not in ("text", "json"):
+            raise ValidationError("log_format must be text or json")
+        if not self.shutdown_grace_s < float("inf"):  # NaN fails too
+            raise ValidationError("shutdown_grace_s must be a finite number of seconds")
         if self.signature_max_skew_s == 0:
             raise ValidationError("signature_max_skew_s must be positive")
         if self.invite_default_lifetime_s > self.invite_max_lifetime_s:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -113,6 +114,7 @@ class Storage:
         secret_access_key: str,
         timeout_s: float = 10.0,
         max_workers: int = 8,
+        on_call: Callable[[str, float], None] | None = None,
     ) -> None:
         config = Config(
             signature_version="s3v4",
@@ -137,6 +139,8 @@ class Storage:
             )
 
         self.bucket = bucket
+        #: Told each call's S3 operation name (a fixed set) and its duration in seconds: metrics.
+        self._on_call = on_call
         self._client = client(endpoint)
         self._presigner = client(public_endpoint or endpoint)
         self._get_presigner = _minio_presigner(
@@ -146,6 +150,7 @@ class Storage:
 
     async def _run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         try:
             return await loop.run_in_executor(self._executor, partial(fn, *args, **kwargs))
         except ClientError as exc:
@@ -158,6 +163,9 @@ class Storage:
             raise StorageUnavailable(f"storage answered with an error ({code or 'unknown'})") from exc
         except (BotoCoreError, OSError) as exc:
             raise StorageUnavailable(f"storage unreachable ({exc.__class__.__name__})") from exc
+        finally:
+            if self._on_call is not None:
+                self._on_call(getattr(fn, "__name__", "other"), time.perf_counter() - started)
 
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

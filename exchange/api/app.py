@@ -6,11 +6,15 @@ request an id and an audit context, enforces the body limit, authenticates (unle
 says otherwise), parses and validates the JSON body against the route's schema, and turns every
 error into a problem detail — accounting for each refusal through `api.refusals`, which also
 answers 429 up front to a source that has spent its budget of refused unauthenticated requests.
+It also counts each request into the app's metrics (`api.metrics`, by route template), sets
+`REQUEST_ID` for the logs written while the request is handled, and keeps the requests in flight
+(`IN_FLIGHT`) so that a stopping server can let them finish (`server.run_until_stopped`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import secrets
 import time
@@ -19,9 +23,9 @@ from collections.abc import Callable
 from aiohttp import web
 
 from ..errors import BodyTimeout, ExchangeError, PayloadTooLarge, RateLimited, ValidationError
-from ..services.audit import AuditLog, Context
+from ..services.audit import Context
 from ..settings import Settings
-from . import artifacts, audit, findings, health, links, principals, refusals, uploadlinks
+from . import artifacts, audit, findings, health, links, metrics, principals, refusals, uploadlinks
 from .auth import authenticate
 from .keys import AUDIT, CLOCK, OPENAPI, SETTINGS, VALIDATORS
 from .lifetime import lifetime
@@ -31,9 +35,12 @@ from .routing import BODY, CTX, PRINCIPAL, ROUTE, Handler, Route
 from .schemas import Schema
 from .validation import BodyValidator, parse_json_object
 
-__all__ = ["ROUTES", "create_app"]
+__all__ = ["IN_FLIGHT", "REQUEST_ID", "ROUTES", "InFlight", "create_app"]
 
 log = logging.getLogger("exchange.api")
+#: One line per request (method, route template, status, time), at INFO; `exchange serve` turns
+#: it on with `log_format=json`, where each line carries its request id.
+access_log = logging.getLogger("exchange.access")
 
 #: The API, by subject. Each module has ROUTES and schemas(settings); adding one here is all it takes.
 MODULES = (health, principals, audit, artifacts, links, uploadlinks, findings)
@@ -54,6 +61,47 @@ def components(settings: Settings) -> dict[str, Schema]:
 _ROUTE_BY_HANDLER = web.AppKey("route_by_resource", dict[tuple[str, str], Route])
 #: User agents and request ids from clients are cut to this length before they are recorded.
 _MAX_HEADER_ECHO = 256
+
+
+#: The id of the request being handled, for log records (`server`'s JSON format writes it).
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("exchange_request_id", default=None)
+
+
+class InFlight:
+    """The tasks of the requests inside the pipeline, so that shutting down can wait for them."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[object]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> asyncio.Task[object] | None:
+        task = asyncio.current_task()
+        if task is not None:
+            self.tasks.add(task)
+            self._idle.clear()
+        return task
+
+    def leave(self, task: asyncio.Task[object] | None) -> None:
+        self.tasks.discard(task)
+        if not self.tasks:
+            self._idle.set()
+
+    async def drain(self, timeout_s: float) -> int:
+        """Wait until no request is in flight, at most `timeout_s`; cancel the ones left and
+        return how many there were."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        except TimeoutError:
+            pass
+        left = list(self.tasks)
+        for task in left:
+            task.cancel()
+        return len(left)
+
+
+IN_FLIGHT = web.AppKey("in_flight", InFlight)
 
 
 def system_clock() -> int:
@@ -94,6 +142,34 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
         if (info.route.resource is not None)
         else None
     )
+    started = time.perf_counter()
+    token = REQUEST_ID.set(ctx.request_id)
+    in_flight = app[IN_FLIGHT]
+    task = in_flight.enter()
+    status = 500  # what a cancelled or crashed request counts as
+    try:
+        response = await _handle(request, handler, route)
+        status = response.status
+        return response
+    except web.HTTPException as exc:  # a redirect raised by a handler: aiohttp answers it
+        status = exc.status
+        raise
+    finally:
+        in_flight.leave(task)
+        seconds = time.perf_counter() - started
+        path = route.path if route is not None else None
+        app[metrics.METRICS].observe_request(path, request.method, status, seconds)
+        if access_log.isEnabledFor(logging.INFO):
+            # The route's template, never the path: a path may carry a link token.
+            access_log.info(
+                "%s %s %d %.1f ms", request.method[:16], path or "(unmatched)", status, seconds * 1000
+            )
+        REQUEST_ID.reset(token)
+
+
+async def _handle(request: web.Request, handler: Handler, route: Route | None) -> web.StreamResponse:
+    app = request.app
+    ctx = request[CTX]
     try:
         await refusals.gate(request, route)  # before the body, the signature and the database
         if route is None:
@@ -142,7 +218,9 @@ def create_app(settings: Settings, *, clock: Callable[[], int] = system_clock) -
     app = web.Application(middlewares=[pipeline], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[CLOCK] = clock
-    app[AUDIT] = AuditLog(origin=settings.log_origin, clock=clock)
+    app[IN_FLIGHT] = InFlight()
+    counted = metrics.setup(app, clock)
+    app[AUDIT] = metrics.CountingAuditLog(origin=settings.log_origin, clock=clock, metrics=counted)
     schemas = components(settings)
     app[VALIDATORS] = {r.body: BodyValidator(schemas[r.body]) for r in ROUTES if r.body}
     app[OPENAPI] = build_document(ROUTES, schemas, settings)

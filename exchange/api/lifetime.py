@@ -2,7 +2,7 @@
 
 On start, each step needs the ones before it:
 
-1. the database (migrated) and the storage client;
+1. the database (migrated; timed into the app's metrics) and the storage client (timed too);
 2. the log's signing key, loaded once: it signs checkpoints, and link proofs derive their key
    from it;
 3. what lives in memory per replica: the redemption buckets, the refusal ledger and the
@@ -33,7 +33,7 @@ from ..errors import DependencyError
 from ..services import nonces
 from ..services.auditlog import load_or_create_signer
 from ..storage import Storage
-from . import artifacts, audit, links, refusals
+from . import artifacts, audit, links, metrics, refusals
 from .keys import CLOCK, DB, SETTINGS, STORAGE
 from .routing import running
 
@@ -53,7 +53,8 @@ async def lifetime(app: web.Application) -> AsyncIterator[None]:
         db = await connect(settings.effective_database_url)
         stack.push_async_callback(db.close)
         await migrate(db)
-        app[DB] = db
+        counted = app[metrics.METRICS]
+        app[DB] = db = metrics.TimedDatabase(db, counted)
         storage = Storage(
             endpoint=settings.s3_endpoint,
             public_endpoint=settings.effective_s3_public_endpoint,
@@ -62,6 +63,7 @@ async def lifetime(app: web.Application) -> AsyncIterator[None]:
             access_key_id=settings.s3_access_key_id,
             secret_access_key=settings.s3_secret_access_key,
             timeout_s=settings.storage_timeout_s,
+            on_call=counted.observe_storage,
         )
         stack.push_async_callback(storage.close)
         app[STORAGE] = storage
@@ -76,6 +78,9 @@ async def lifetime(app: web.Application) -> AsyncIterator[None]:
         stack.push_async_callback(refusals.final_flush, app)
         # 4. the publisher, after the log's start check
         publisher = await audit.start_publisher(app, signer)
+        publisher.on_witness_call = counted.observe_witness
+        publisher.on_checkpoint = lambda at_ms: setattr(counted, "checkpoint_at_ms", at_ms)
+        await publisher.note_latest()
         # 5. the background tasks
         for task in (
             _purge_nonces_forever(app),

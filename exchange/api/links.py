@@ -31,6 +31,7 @@ from ..services import tokens
 from ..settings import Settings
 from . import refusals
 from .keys import AUDIT, CLOCK, DB, SETTINGS, STORAGE
+from .metrics import METRICS
 from .problems import from_exchange_error, problem_response
 from .ratelimit import TokenBuckets, source_key
 from .routing import BODY, CTX, PRINCIPAL, ROUTE, Route, path_param, query_param
@@ -175,19 +176,25 @@ async def _record_refusal(request: web.Request, exc: ExchangeError) -> None:
 
 
 def _redemption(fn: Redeemer) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    kind = fn.__name__.lstrip("_")  # view, challenge, session, header, file, receipt
+
     async def handler(request: web.Request) -> web.StreamResponse:
         app = request.app
+        redemptions = app[METRICS].redemptions
         try:
             app[IP_BUCKETS].take(source_key(request.remote), "from this address")  # IPv6: its /64
             token_hash = tokens.parse_token(request.match_info["token"])  # nothing looked up before this
             app[LINK_BUCKETS].take(token_hash, "for this link")
-            return await fn(request, token_hash)
+            response = await fn(request, token_hash)
         except ExchangeError as exc:
+            redemptions.labels(kind, "refused").inc()
             await _record_refusal(request, exc)
             headers = dict(_NO_STORE)
             if isinstance(exc, RateLimited):
                 headers["Retry-After"] = str(exc.extra.get("retry_after_s", 60))
             return problem_response(from_exchange_error(exc, request[CTX].request_id), headers=headers)
+        redemptions.labels(kind, "ok").inc()
+        return response
 
     handler.__name__ = fn.__name__
     return handler

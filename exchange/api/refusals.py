@@ -58,6 +58,7 @@ from aiohttp import web
 from ..errors import DependencyError, RateLimited
 from ..services.audit import SYSTEM, Context, Entry, Outcome, record_alone
 from .keys import AUDIT, CLOCK, DB, SETTINGS
+from .metrics import METRICS
 from .ratelimit import TokenBuckets, source_key
 from .routing import CTX, PRINCIPAL, Route
 
@@ -363,6 +364,7 @@ async def flush(app: web.Application, *, final: bool = False) -> int:
         except DependencyError:
             ledger.restore(summaries)
             raise
+        app[METRICS].refusal_summaries.inc(len(summaries))
         return len(summaries)
 
 

@@ -199,6 +199,20 @@ class Publisher:
         self._seen_size = -1
         self._seen_at = time.monotonic()
         self.check = TreeCheck(audit)
+        #: Told each witness call's URL (a configured one) and duration in seconds: metrics.
+        self.on_witness_call: Callable[[str, float], None] | None = None
+        #: Told when the latest checkpoint stored (by any replica) was stored, in ms: metrics.
+        self.on_checkpoint: Callable[[int], None] | None = None
+
+    async def note_latest(self) -> None:
+        """Tell `on_checkpoint` when the latest stored checkpoint (any replica's) was stored."""
+        if self.on_checkpoint is None:
+            return
+        at_ms = await self.db.fetchval(
+            "SELECT created_at_ms FROM audit_checkpoints ORDER BY size DESC LIMIT 1"
+        )
+        if at_ms is not None:
+            self.on_checkpoint(int(at_ms))
 
     async def check_at_start(self) -> None:
         """Check the whole stored log before anything is served; AuditLogDamaged (and the log
@@ -223,6 +237,7 @@ class Publisher:
             except AuditLogDamaged:
                 return None  # failed closed and said so
             if latest is not None and size <= latest[0]:
+                await self.note_latest()
                 return None
             text = Checkpoint(self.audit.origin, size, root).to_text()
             note = sign_note(text, [self.signer])
@@ -244,6 +259,7 @@ class Publisher:
                     note,
                     self.clock(),
                 )
+            await self.note_latest()
             return note
 
     async def _cosign(self, note: bytes, size: int, published: int) -> list[str]:
@@ -272,7 +288,12 @@ class Publisher:
                 return None  # the witness has seen a larger tree (another replica published it)
             async with self.db.read() as conn:
                 proof = [] if old == 0 else await consistency_proof(conn, old, size)
-            result = await request_cosignature(session, url, note, old, proof, self.witnesses.vkeys)
+            started = time.perf_counter()
+            try:
+                result = await request_cosignature(session, url, note, old, proof, self.witnesses.vkeys)
+            finally:
+                if self.on_witness_call is not None:
+                    self.on_witness_call(url, time.perf_counter() - started)
             if result.signature is not None:
                 self._witness_size[url] = size
                 return result.signature
