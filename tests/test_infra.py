@@ -525,6 +525,7 @@ def test_kustomization_lists_files_that_exist() -> None:
         ("configmap.yaml", "EXCHANGE_PUBLIC_URL: https://", "EXCHANGE_PUBLIC_URL: ftp://", "bad settings"),
         ("deployment.yaml", "args: [serve]", "args: [serve, --reload]", "no such option"),
         ("job-init.yaml", "init, --name", "bootstrap, --name", "no such command"),
+        ("job-migrate.yaml", "[admin, migrate]", "[admin, migrat]", "no such command"),
         ("deployment.yaml", "path: /readyz", "path: /ready", "readinessProbe"),
         (
             "deployment.yaml",

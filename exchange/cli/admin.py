@@ -1,8 +1,8 @@
 """`exchange admin`: operator commands run beside the database (server side), not over the API.
 
-`backup` and `restore` read the database URL from the EXCHANGE_* settings, as `exchange init`
-does, and refuse in a client install as `exchange serve` does. The work is in
-`services/backup.py`; this module only parses, calls and prints.
+`migrate`, `backup` and `restore` read the database URL from the EXCHANGE_* settings, as
+`exchange init` does, and refuse in a client install as `exchange serve` does. The work is in
+`db.migrate` and `services/backup.py`; this module only parses, calls and prints.
 """
 
 from __future__ import annotations
@@ -22,6 +22,33 @@ from .server import _server_module
 @main.group()
 def admin() -> None:
     """Operator commands on the service's database (server side: EXCHANGE_* settings)."""
+
+
+@admin.command()
+@pass_opts
+def migrate(opts: Options) -> None:
+    """Bring the database's schema up to this version's, and print the version it is at.
+
+    Idempotent, and safe beside running replicas (PostgreSQL: an advisory lock; SQLite: its one
+    writer). Run it before replicas of a new version start (the Kubernetes Job in
+    infra/k8s/job-migrate.yaml does); `exchange serve` migrates on start all the same.
+    """
+    _server_module(opts)
+
+    async def work() -> dict[str, Any]:
+        from ..db import connect
+        from ..db import migrate as migrate_schema
+        from ..settings import Settings
+
+        settings = Settings.from_mapping(os.environ)
+        db = await connect(settings.effective_database_url)
+        try:
+            return {"schema_version": await migrate_schema(db)}
+        finally:
+            await db.close()
+
+    done = run(opts, work)
+    output(opts, done, lambda: click.echo(f"the database is at schema version {done['schema_version']}"))
 
 
 @admin.command()
