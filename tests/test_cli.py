@@ -49,6 +49,17 @@ def test_the_whole_enrolment_story(served: Served) -> None:
     assert [p["name"] for p in json.loads(listed.stdout)] == ["alice"]
     secret = served.run("identity", "--age-secret", identity=tester, server=False)
     assert secret.stdout.splitlines()[-1].startswith("AGE-SECRET-KEY-1")
+    # --out writes the same key file, private, and never over another file.
+    key = served.home / "tester" / "key.txt"
+    wrote = served.run("identity", "--age-secret", "--out", str(key), identity=tester, server=False)
+    assert wrote.returncode == 0, wrote.stderr
+    assert oct(key.stat().st_mode & 0o777) == "0o600" and key.read_text() == secret.stdout
+    again = served.run("identity", "--age-secret", "--out", str(key), identity=tester, server=False)
+    assert again.returncode == 2 and "refusing to overwrite" in again.stderr
+    alone = served.run("identity", "--out", str(served.home / "k2.txt"), identity=tester, server=False)
+    assert alone.returncode == 2 and not (served.home / "k2.txt").exists()
+    auditor_invite = served.run("invite", "--role", "auditor", "--org", "lab", identity=admin)
+    assert "one-time invite for an auditor of lab" in auditor_invite.stdout
 
     # Exit codes say what happened.
     denied = served.run("invite", "--role", "admin", "--org", "lab", identity=tester)

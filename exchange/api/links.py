@@ -295,7 +295,7 @@ def _page(data: dict[str, Any]) -> str:
         " (it verifies the uploader's signature and writes the real names):</p>\n"
         f"<pre>{e(commands['exchange'])}</pre>\n"
         "<p>With nothing but curl and age, and the recipient's age identity in key.txt"
-        " (<code>exchange identity --age-secret &gt; key.txt</code>): the first line proves you hold"
+        " (<code>exchange identity --age-secret --out key.txt</code>): the first line proves you hold"
         " the key and opens one download session; each further line fetches one file into"
         " file-N.</p>\n<pre>" + e("\n".join(commands["curl"])) + "</pre>\n</html>\n"
     )

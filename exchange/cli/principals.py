@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
 
 from ..client import Client
 from ..durations import parse_duration
-from ..errors import ExchangeError, InputError
+from ..errors import ExchangeError, InputError, LocalFileError
+from ..files import write_atomic
 from ..identity import Identity
 from ._base import Options, fail, main, output, pass_opts, run, when, with_client
 
@@ -39,22 +41,46 @@ def _print_public(public: dict[str, str]) -> None:
     click.echo(f"age recipient:  {public['age_recipient']}")
 
 
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
 @main.command()
 @click.option(
-    "--age-secret", is_flag=True, help="Print the age identity as an age key file (for `age -d -i`)."
+    "--age-secret", is_flag=True, help="Export the age identity as an age key file (for `age -d -i`)."
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --age-secret: write the key file here, mode 0600, never over an existing file"
+    " (without it, the key is printed to standard output).",
 )
 @pass_opts
-def identity(opts: Options, age_secret: bool) -> None:
+def identity(opts: Options, age_secret: bool, out: Path | None) -> None:
     """Show your public keys, or export your age identity for the `age` tool.
 
     \b
-    exchange identity --age-secret > key.txt && chmod 600 key.txt
+    exchange identity --age-secret --out key.txt
     age -d -i key.txt file.age > file
     """
+    if out is not None and not age_secret:
+        fail(InputError("--out writes the age key file: use it with --age-secret"), as_json=opts.json)
     try:
         ident = opts.identity()
+        if out is not None:
+            try:
+                write_atomic(out, ident.age_key_file().encode("ascii"), overwrite=False, mode=0o600)
+            except FileExistsError:
+                raise InputError(f"{out} exists; refusing to overwrite it", code="file-exists") from None
+            except OSError as exc:
+                raise LocalFileError(f"cannot write {out}: {exc.strerror or exc}") from None
     except ExchangeError as exc:
         fail(exc, as_json=opts.json)
+    if out is not None:
+        output(
+            opts, {"age_key_file": str(out)}, lambda: click.echo(f"wrote your age identity to {out} (0600)")
+        )
+        return
     if age_secret:
         click.echo(ident.age_key_file(), nl=False)
         return
@@ -150,7 +176,8 @@ def invite(opts: Options, role: str, org_name: str, expires: str) -> None:
         opts,
         inv,
         lambda: click.echo(
-            f"{inv['code']}\n\none-time invite for a {inv['role']} of {inv['org']}, valid until"
+            f"{inv['code']}\n\none-time invite for {_article(inv['role'])} {inv['role']} of {inv['org']},"
+            f" valid until"
             f" {when(inv['expires_at_ms'])}\nthe new principal runs: exchange enroll CODE --name NAME",
             err=False,
         ),

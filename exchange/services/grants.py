@@ -109,7 +109,7 @@ async def grant(
     if expires_at_ms is not None and expires_at_ms <= now_ms:
         raise ValidationError("a grant must end in the future", code="grant-until-past")
     async with db.transaction() as conn:
-        artifact = await visible_artifact(conn, principal, artifact_id)
+        artifact = await visible_artifact(conn, principal, artifact_id, now_ms)
         require_owner(principal, artifact)
         if artifact.status == "aborted":
             raise Conflict("the artifact's upload was aborted", code="artifact-aborted")
@@ -160,7 +160,7 @@ async def revoke(
     """Revoke a grant: the header goes, every live link for the grantee dies; return (grant, links)."""
     grantee = await get_principal(db, grantee_name)
     async with db.transaction() as conn:
-        artifact = await visible_artifact(conn, principal, artifact_id)
+        artifact = await visible_artifact(conn, principal, artifact_id, now_ms)
         require_owner(principal, artifact)
         changed = await conn.execute(
             "UPDATE grants SET revoked_at_ms = $1"

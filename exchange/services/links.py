@@ -750,7 +750,7 @@ async def create(
     token = new_token()
     link_id = new_id("lnk")
     async with db.transaction() as conn:
-        artifact = await visible_artifact(conn, principal, artifact_id)
+        artifact = await visible_artifact(conn, principal, artifact_id, now_ms)
         require_owner(principal, artifact)
         if artifact.status != "complete":
             raise Conflict(

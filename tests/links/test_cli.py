@@ -51,6 +51,13 @@ def test_upload_to_link_download_revoke(served: Served, tmp_path: Path) -> None:
     url = made.stdout.strip()
     assert url.startswith(served.url + "/l/exl1_")
 
+    # The tester sees the artifact it was granted, but may not share it: a permission error (4),
+    # not "no such artifact" (5).
+    mine = served.run("link", "create", artifact_id, "--for", "link-tester", identity=tester)
+    assert mine.returncode == 4 and "role-required" in mine.stderr, mine.stderr
+    regrant_own = served.run("grant", artifact_id, "link-tester", identity=tester)
+    assert regrant_own.returncode == 4, regrant_own.stderr
+
     out = tmp_path / "out"
     down = served.run("--json", "download", url, "-o", str(out), identity=tester, server=False)
     assert down.returncode == 0, down.stderr
