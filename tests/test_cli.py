@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
+from pathlib import Path
 
 from tests.conftest import EXCHANGE, Served, free_port
 
@@ -60,6 +62,25 @@ def test_the_whole_enrolment_story(served: Served) -> None:
     assert alone.returncode == 2 and not (served.home / "k2.txt").exists()
     auditor_invite = served.run("invite", "--role", "auditor", "--org", "lab", identity=admin)
     assert "one-time invite for an auditor of lab" in auditor_invite.stdout
+    # The invite prints the whole command, server included: run as printed on "another machine"
+    # (its own HOME, nothing set but PATH), with a name for NAME, it enrols.
+    printed = auditor_invite.stdout.strip().splitlines()[-1].strip()
+    assert printed.startswith("exchange --server ") and printed.endswith(" --name NAME")
+    elsewhere = served.home / "elsewhere"
+    elsewhere.mkdir()
+    env = {"HOME": str(elsewhere), "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    ran = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", printed.replace("NAME", "audrey")],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert "enrolled audrey as auditor of lab" in ran.stdout
+    assert sorted(p.name for p in elsewhere.iterdir()) == [".config"]  # nothing else was made
 
     # Exit codes say what happened.
     denied = served.run("invite", "--role", "admin", "--org", "lab", identity=tester)

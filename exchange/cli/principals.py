@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from ..durations import parse_duration
 from ..errors import ExchangeError, InputError, LocalFileError
 from ..files import write_atomic
 from ..identity import Identity
-from ._base import Options, fail, main, output, pass_opts, run, when, with_client
+from ._base import Options, fail, main, output, pass_opts, printable, run, when, with_client
 
 # -- keys -----------------------------------------------------------------------------------------
 
@@ -172,13 +173,17 @@ def invite(opts: Options, role: str, org_name: str, expires: str) -> None:
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--expires") from None
     inv = with_client(opts, lambda c: c.create_invite(role=role, org=org_name, expires_in_s=lifetime))
+    # The whole command, server included, so that it works as printed on another machine. Both
+    # values are quoted for a POSIX shell; NAME is the one word the new principal replaces.
+    server = opts.server_url(opts.identity())
+    command = f"exchange --server {shlex.quote(server)} enroll {shlex.quote(inv['code'])} --name NAME"
     output(
         opts,
-        inv,
+        inv | {"server": server, "enroll_command": command},
         lambda: click.echo(
             f"{inv['code']}\n\none-time invite for {_article(inv['role'])} {inv['role']} of {inv['org']},"
-            f" valid until"
-            f" {when(inv['expires_at_ms'])}\nthe new principal runs: exchange enroll CODE --name NAME",
+            f" valid until {when(inv['expires_at_ms'])}\n"
+            f"the new principal runs (with its own name for NAME):\n  {printable(command)}",
             err=False,
         ),
     )
