@@ -3,6 +3,7 @@ as labels, and no link token anywhere in a scrape."""
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import AsyncIterator
 
@@ -11,10 +12,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exchange.api import refusals
+from exchange.api.audit import PUBLISHER
 from exchange.api.metrics import start_metrics_site
 from exchange.errors import ValidationError
 from exchange.settings import Settings
-from tests.conftest import Stack
+from tests.conftest import FakeClock, Stack
 
 TOKEN = "exl1_" + secrets.token_urlsafe(32)  # 43 base64url characters, like a real link token
 
@@ -80,15 +82,21 @@ async def test_counters_move_by_what_was_sent_and_no_token_is_a_label(stack: Sta
     assert "python_gc_objects_collected_total" not in text
 
 
-async def test_audit_appends_refusal_summaries_and_storage(stack: Stack, scrape_url: str) -> None:
+async def test_audit_appends_refusal_summaries_and_storage(
+    stack: Stack, scrape_url: str, clock: FakeClock
+) -> None:
     _, before = await scrape(scrape_url)
+    assert math.isnan(before["exchange_checkpoint_age_seconds", ()])  # none published yet
     events_before = await stack.count("audit_events")
     async with aiohttp.ClientSession() as session:
         async with session.get(stack.url + "/readyz") as resp:  # pings storage
             assert resp.status == 200
-        async with session.get(stack.url + "/v1/whoami") as resp:
-            assert resp.status == 401
+        # Two past the allowance: those two are counted into a summary, not appended alone.
+        for _ in range(stack.settings.refusal_log_allowance_events + 2):
+            async with session.get(stack.url + "/v1/whoami") as resp:
+                assert resp.status == 401
     summaries = await refusals.flush(stack.app, final=True)
+    assert summaries >= 1
     events = await stack.count("audit_events") - events_before
     _, after = await scrape(scrape_url)
     appends = after["exchange_audit_appends_total", ()] - before.get(
@@ -100,7 +108,11 @@ async def test_audit_appends_refusal_summaries_and_storage(stack: Stack, scrape_
     )
     assert moved == summaries
     assert any(name == "exchange_storage_seconds_count" and v > 0 for (name, _), v in after.items())
-    assert ("exchange_checkpoint_age_seconds", ()) in after
+    # The checkpoint's age counts from when it was stored, on the service's clock.
+    assert await stack.app[PUBLISHER].publish() is not None
+    clock.advance(7)
+    _, aged = await scrape(scrape_url)
+    assert aged["exchange_checkpoint_age_seconds", ()] == 7.0
 
 
 @pytest.mark.parametrize(

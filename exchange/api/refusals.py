@@ -326,29 +326,30 @@ def record_unparsed(app: web.Application, ip: str | None, status: int, code: str
     """Account for a request aiohttp's parser refused before any route or middleware saw it: like
     any unauthenticated refusal (allowance, then counted; it spends the source's failure budget),
     as action `http.request` with no route. Called from the connection's handler, which cannot
-    wait: the recording runs as a task of its own."""
+    wait: the counting is done here, and only a refusal within the allowance becomes a task
+    that appends its event (a flood of garbage costs a count each, not a task each)."""
     if LEDGER not in app:  # the app is not started, or already stopped
         return
-    task = asyncio.get_running_loop().create_task(_record_unparsed(app, ip, status, code))
-    _UNPARSED.add(task)
-    task.add_done_callback(_UNPARSED.discard)
-
-
-async def _record_unparsed(app: web.Application, ip: str | None, status: int, code: str) -> None:
     source = source_key(ip)
     if 400 <= status < 500:
         app[FAILURES].spend(source)
     key = RefusalKey(source, "http.request", None, code, status)
     if not app[LEDGER].admit(key, alone=True):
         return
+    task = asyncio.get_running_loop().create_task(_append_unparsed(app, key, ip))
+    _UNPARSED.add(task)
+    task.add_done_callback(_UNPARSED.discard)
+
+
+async def _append_unparsed(app: web.Application, key: RefusalKey, ip: str | None) -> None:
     ctx = Context(ip=ip, request_id=secrets.token_hex(8))
-    outcome: Outcome = "error" if status >= 500 else "denied"
-    details = {"method": None, "route": None, "status": status}
+    outcome: Outcome = "error" if key.status >= 500 else "denied"
+    details = {"method": None, "route": None, "status": key.status}
     try:
-        await record_alone(app[DB], app[AUDIT], ctx, [Entry("http.request", outcome, code, None, details)])
+        await record_alone(app[DB], app[AUDIT], ctx, [Entry(key.action, outcome, key.code, None, details)])
     except DependencyError as exc:
         app[LEDGER].rescind(key)
-        log.warning("refusal %s of an unparsed request counted, not recorded: %s", code, exc.code)
+        log.warning("refusal %s of an unparsed request counted, not recorded: %s", key.code, exc.code)
 
 
 async def flush(app: web.Application, *, final: bool = False) -> int:

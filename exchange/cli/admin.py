@@ -16,7 +16,7 @@ import click
 
 from ..errors import ExchangeError, LocalFileError, NoteError, ValidationError
 from ._base import Options, main, output, pass_opts, run
-from .server import _server_module
+from .server import require_server
 
 
 @main.group()
@@ -33,7 +33,7 @@ def migrate(opts: Options) -> None:
     writer). Run it before replicas of a new version start (the Kubernetes Job in
     infra/k8s/job-migrate.yaml does); `exchange serve` migrates on start all the same.
     """
-    _server_module(opts)
+    require_server(opts)
 
     async def work() -> dict[str, Any]:
         from ..db import connect
@@ -65,7 +65,7 @@ def backup(opts: Options, out: Path) -> None:
     Reads one consistent snapshot; safe while the service runs. Object storage (the encrypted
     artifacts) is not included: back the bucket up with the store's own tools, after this.
     """
-    _server_module(opts)
+    require_server(opts)
 
     async def work() -> dict[str, Any]:
         from ..services import backup as service
@@ -102,7 +102,7 @@ def restore(opts: Options, file: Path, vkey: str | None) -> None:
     a target database that holds anything; in every refusal nothing is written. The restore is
     not recorded in the audit log (it would change the log just checked); stop the service first.
     """
-    _server_module(opts)
+    require_server(opts)
 
     async def work() -> dict[str, Any]:
         from ..format.note import Signer, Verifier

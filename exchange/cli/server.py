@@ -14,7 +14,7 @@ from ._base import Options, fail, main, output, pass_opts, run
 SERVER_PACKAGES = ("boto3", "botocore", "minio", "asyncpg", "jsonschema", "uvloop")
 
 
-def _server_module(opts: Options) -> Any:
+def require_server(opts: Options) -> Any:
     """`exchange.server`, or a clear refusal naming the extra to install (exit 2)."""
     try:
         from .. import server
@@ -45,7 +45,7 @@ def init(opts: Options, name: str, org_name: str) -> None:
     Writes a new identity to --identity unless one exists there, registers its public keys as
     the first admin, and refuses once the service has any principal.
     """
-    server = _server_module(opts)
+    server = require_server(opts)
 
     async def work() -> dict[str, Any]:
         made: dict[str, Any] = await server.bootstrap(
@@ -65,7 +65,7 @@ def init(opts: Options, name: str, org_name: str) -> None:
 @pass_opts
 def serve(opts: Options) -> None:
     """Serve the API (server side: configured by EXCHANGE_* variables; see README)."""
-    server = _server_module(opts)
+    server = require_server(opts)
     try:
         server.serve(os.environ)
     except ExchangeError as exc:

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from exchange.api import refusals
 from exchange.client.signing import sign_headers
 from tests.conftest import Stack
 
@@ -81,3 +82,32 @@ async def test_hostile_user_agent_is_recorded_as_data(stack: Stack) -> None:
     last = (await stack.events())[-1]
     assert last["source"]["user_agent"] == ua
     assert last["outcome"]["reason"] == "replayed-nonce"
+
+
+async def test_parser_refusals_are_problems_accounted_for_and_echo_nothing(stack: Stack) -> None:
+    """A request aiohttp's parser refuses never reaches a route, yet is answered like any refusal
+    (a problem detail that echoes nothing of what was sent) and accounted for like one: the
+    allowance as events of their own, the rest in a summary."""
+    allowance = stack.settings.refusal_log_allowance_events
+    sent = allowance + 3
+    marker = "exl1_" + "Q" * 43  # what must not come back: it could be a link token
+    for _ in range(sent):
+        head = f"GET /l/{marker} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Bad: \x01{marker}\r\n".encode()
+        status, data = await raw_request(stack, head + b"Connection: close\r\n\r\n")
+        head_out, _, body_out = data.partition(b"\r\n\r\n")
+        assert status == 400 and b"application/problem+json" in head_out.lower(), data[:300]
+        assert json.loads(body_out)["code"] == "bad-request"
+        assert marker.encode() not in data
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while True:  # the events of the allowance are appended by tasks of their own
+        alone = [e for e in await stack.events() if e["action"] == "http.request"]
+        if len(alone) >= allowance or loop.time() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    assert len(alone) == allowance
+    assert {e["outcome"]["reason"] for e in alone} == {"bad-request"}
+    assert marker not in str(alone)
+    await refusals.flush(stack.app, final=True)
+    (summary,) = [e for e in await stack.events() if e["action"] == "http.refusals"]
+    assert summary["details"]["action"] == "http.request" and summary["details"]["suppressed"] == 3
