@@ -25,6 +25,17 @@ On success the checkpoint, its root and the pinned keys are saved in the state d
 atomically (write, fsync, rename). The log key is pinned on first use from what the auditor
 gives (`--vkey`), never from the bundle's `log.vkey`, which is there for reference only.
 
+Key rotation. The log may hand over to a new key and origin once (or more): its last event under
+the old origin is `audit.log.rotated`, naming `next_origin` and `next_vkey`, and every later
+leaf carries the new origin. The verifier follows a rotation only when the old key signed it: the
+bundle's `rotations.json` must hold, for each rotation event at index r, the checkpoint of size
+r + 1 signed by the key being rotated away from (with the pinned quorum), whose root the first
+r + 1 leaves hash to. A checkpoint is opened with the key of the origin its last leaf carries, so
+the latest one may still be the old key's (nothing was signed with the new key yet). On success
+the state pins the new key and remembers the old ones (`rotated_from`), so `--vkey OLD` still
+names this state. A rotation event that is not the old key's last word, names an invalid key,
+or lacks its signed checkpoint fails with `signature` (11) or `entries` (13).
+
 The same checks, one row at a time, back `exchange audit query`, which prints nothing it has not
 verified: the page's checkpoint is signed by the pinned key with the pinned quorum
 (`open_checkpoint`) and consistent with the saved one (`consistency_sizes`, `check_consistent`),
@@ -56,6 +67,8 @@ __all__ = [
     "BUNDLE_FILES",
     "EXIT_CODES",
     "MANIFEST",
+    "ROTATIONS_FILE",
+    "ROTATION_ACTION",
     "State",
     "VerifyFailure",
     "canonical_json",
@@ -66,11 +79,16 @@ __all__ = [
     "load_pinned",
     "open_checkpoint",
     "verify_bundle",
+    "vkey_name",
 ]
 
 MANIFEST = "manifest.json"
 BUNDLE_FILES = ("entries.jsonl", "events.csv", "checkpoint", "consistency.json", "log.vkey")
+#: In the manifest when the log rotated its key: [{"size", "note"}], the old key's last checkpoints.
+ROTATIONS_FILE = "rotations.json"
 EVENT_TYPE = "exchange.audit.event/v1"
+#: The last event under an origin: its details name the next origin and its key.
+ROTATION_ACTION = "audit.log.rotated"
 MAX_LEAF_BYTES = 64 * 1024
 _MAX_SAFE_INT = 2**53 - 1
 
@@ -245,6 +263,8 @@ class State:
     size: int | None = None
     root: bytes | None = None
     checkpoint: bytes | None = None
+    #: Log keys this state pinned before, oldest first: each rotated to the next by a signed event.
+    rotated_from: list[str] = field(default_factory=list)
 
     @classmethod
     def load(cls, directory: Path) -> State | None:
@@ -260,6 +280,7 @@ class State:
             size=data.get("size"),
             root=base64.b64decode(data["root"]) if data.get("root") else None,
             checkpoint=checkpoint.read_bytes() if checkpoint.exists() else None,
+            rotated_from=list(data.get("rotated_from", [])),
         )
 
     def save(self, directory: Path) -> None:
@@ -273,7 +294,7 @@ class State:
             "witness_quorum": self.witness_quorum,
             "size": self.size,
             "root": base64.b64encode(self.root).decode("ascii") if self.root is not None else None,
-        }
+        } | ({"rotated_from": self.rotated_from} if self.rotated_from else {})
         state = (json.dumps(data, indent=1) + "\n").encode("utf-8")
         write_atomic(directory / "state.json", state, overwrite=True)
 
@@ -298,6 +319,9 @@ class Report:
     witnesses: list[str]
     previous_size: int | None
     entries: int
+    #: Each key rotation the leaves went through: {"size", "from_origin", "to_origin", "from_vkey",
+    #: "to_vkey"}.
+    rotations: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -320,6 +344,20 @@ def _read_bundle(bundle: Path) -> dict[str, bytes]:
         ):
             raise VerifyFailure("bundle", f"the bundle's {name} does not match its SHA-256 in {MANIFEST}")
         files[name] = data
+    if ROTATIONS_FILE in expected:  # only bundles of a log that rotated its key carry it
+        try:
+            data = (bundle / ROTATIONS_FILE).read_bytes()
+        except OSError as exc:
+            raise VerifyFailure(
+                "bundle", f"the bundle's {ROTATIONS_FILE} cannot be read: {exc.strerror}"
+            ) from exc
+        if not isinstance(expected[ROTATIONS_FILE], str) or not hmac.compare_digest(
+            hashlib.sha256(data).hexdigest(), expected[ROTATIONS_FILE]
+        ):
+            raise VerifyFailure(
+                "bundle", f"the bundle's {ROTATIONS_FILE} does not match its SHA-256 in {MANIFEST}"
+            )
+        files[ROTATIONS_FILE] = data
     return files
 
 
@@ -333,7 +371,9 @@ def _open_checkpoint(note: bytes, log_vkey: str) -> Checkpoint:
         checkpoint = Checkpoint.parse(opened.text)
     except NoteError as exc:
         raise VerifyFailure(
-            "signature", f"the checkpoint is not signed by the pinned log key: {exc}"
+            "signature",
+            f"the checkpoint is not signed by the pinned log key: {exc} (if the log rotated its key, "
+            "`exchange audit verify` follows the rotation and pins the new key)",
         ) from exc
     if checkpoint.origin != verifier.name:
         raise VerifyFailure(
@@ -374,8 +414,8 @@ def _leaves(data: bytes) -> Iterator[bytes]:
     yield from data[:-1].split(b"\n")
 
 
-def _open_with_quorum(note: bytes, state: State) -> tuple[Checkpoint, list[str]]:
-    checkpoint = _open_checkpoint(note, state.log_vkey)
+def _open_with_quorum(note: bytes, state: State, log_vkey: str | None = None) -> tuple[Checkpoint, list[str]]:
+    checkpoint = _open_checkpoint(note, log_vkey or state.log_vkey)
     witnesses = _count_cosignatures(note, checkpoint.to_text(), state.witness_vkeys)
     if len(witnesses) < state.witness_quorum:
         raise VerifyFailure(
@@ -391,15 +431,64 @@ def open_checkpoint(note: bytes, state: State) -> Checkpoint:
     return _open_with_quorum(note, state)[0]
 
 
+@dataclass
+class _Rotation:
+    size: int  # the tree size whose last leaf is the rotation event
+    old_vkey: str
+    new_vkey: str
+    root: bytes = b""
+
+
+def vkey_name(vkey: str) -> str:
+    """The origin a log key signs for; VerifyFailure("usage") if it is not a valid vkey."""
+    try:
+        return Verifier.from_vkey(vkey).name
+    except NoteError as exc:
+        raise VerifyFailure("usage", f"the pinned log key is not a valid vkey: {exc}") from exc
+
+
+def _rotation_of(event: dict[str, Any], position: int, origin: str, vkey: str) -> _Rotation:
+    """The rotation an `audit.log.rotated` event announces, once its details hold together."""
+    details = _member(event, "details")
+    next_origin, next_vkey = details.get("next_origin"), details.get("next_vkey")
+    if not isinstance(next_origin, str) or not isinstance(next_vkey, str):
+        raise VerifyFailure("entries", f"the rotation event at {position} names no next origin and key")
+    try:
+        named = Verifier.from_vkey(next_vkey).name
+    except NoteError as exc:
+        raise VerifyFailure(
+            "entries", f"the rotation event at {position} names an invalid key: {exc}"
+        ) from exc
+    if named != next_origin or next_origin == origin:
+        raise VerifyFailure(
+            "entries", f"the rotation event at {position} names a key for {named!r}, not a new origin"
+        )
+    return _Rotation(position + 1, vkey, next_vkey)
+
+
+def _rotation_notes(data: bytes | None) -> dict[int, bytes]:
+    if data is None:
+        return {}
+    try:
+        items = json.loads(data)
+        return {int(item["size"]): str(item["note"]).encode("utf-8") for item in items}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise VerifyFailure("bundle", f"{ROTATIONS_FILE} is malformed: {exc}") from exc
+
+
 def verify_bundle(bundle: Path, state: State) -> tuple[Report, Checkpoint, bytes]:
     """Check a bundle against the trusted state; return the report, checkpoint and its note.
 
     Raises VerifyFailure with the verdict. Does not write anything: the caller saves the new
-    state (or the fork evidence).
+    state (or the fork evidence). The key that signed the returned checkpoint is the report's
+    last rotation's new key, if the leaves rotated, else the pinned one.
     """
     files = _read_bundle(bundle)
     note = files["checkpoint"]
-    checkpoint, witnesses = _open_with_quorum(note, state)
+    # The leaves are read from the first, so the first key this state pinned reads them.
+    vkey = state.rotated_from[0] if state.rotated_from else state.log_vkey
+    origin = vkey_name(vkey)
+    rotations: list[_Rotation] = []
 
     tree = _CompactRange()
     previous_root_from_leaves: bytes | None = merkle.EMPTY_ROOT if state.size == 0 else None
@@ -415,15 +504,20 @@ def verify_bundle(bundle: Path, state: State) -> tuple[Report, Checkpoint, bytes
                 "entries",
                 f"the leaf at position {position} says idx {event.get('idx')!r}: a gap or reordering",
             )
-        if event.get("type") != EVENT_TYPE or event.get("origin") != checkpoint.origin:
+        if event.get("type") != EVENT_TYPE or event.get("origin") != origin:
             raise VerifyFailure("entries", f"the leaf at position {position} is not an event of this log")
-        if position >= checkpoint.size:
-            raise VerifyFailure(
-                "entries", f"the bundle has more leaves than the checkpoint's {checkpoint.size}"
-            )
         tree.append(merkle.leaf_hash(leaf))
         if tree.size == state.size:
             previous_root_from_leaves = tree.root()
+        if event.get("action") == ROTATION_ACTION:
+            rotation = _rotation_of(event, position, origin, vkey)
+            rotation.root = tree.root()
+            rotations.append(rotation)
+            vkey, origin = rotation.new_vkey, vkey_name(rotation.new_vkey)
+    # The checkpoint is signed by the key of the origin its last leaf carries: the old key's
+    # when the last leaf is a rotation event (the new key has signed nothing yet).
+    signer_vkey = rotations[-1].old_vkey if rotations and rotations[-1].size == tree.size else vkey
+    checkpoint, witnesses = _open_with_quorum(note, state, signer_vkey)
     if tree.size != checkpoint.size:
         raise VerifyFailure(
             "entries", f"the bundle has {tree.size} leaves; the checkpoint covers {checkpoint.size}"
@@ -431,6 +525,24 @@ def verify_bundle(bundle: Path, state: State) -> tuple[Report, Checkpoint, bytes
     root = tree.root()
     if not hmac.compare_digest(root, checkpoint.root_hash):
         raise VerifyFailure("root", "the leaves do not hash to the checkpoint's root: an entry was changed")
+
+    followed = [*state.rotated_from, state.log_vkey]
+    chain = [rotations[0].old_vkey, *(r.new_vkey for r in rotations)] if rotations else [vkey]
+    if chain[: len(followed)] != followed:
+        raise VerifyFailure("fork", "the log's key history differs from the one this state followed before")
+    notes = _rotation_notes(files.get(ROTATIONS_FILE))
+    for rotation in rotations:
+        signed = notes.get(rotation.size)
+        if signed is None:
+            raise VerifyFailure(
+                "signature",
+                f"the rotation at size {rotation.size} has no checkpoint signed by the key it rotates from",
+            )
+        last_word, _ = _open_with_quorum(signed, state, rotation.old_vkey)
+        if last_word.size != rotation.size or not hmac.compare_digest(last_word.root_hash, rotation.root):
+            raise VerifyFailure(
+                "root", f"the old key's checkpoint of size {rotation.size} does not match the leaves"
+            )
 
     if state.size is not None and state.root is not None:
         _check_against_saved(state, checkpoint, previous_root_from_leaves, files["consistency.json"])
@@ -442,6 +554,16 @@ def verify_bundle(bundle: Path, state: State) -> tuple[Report, Checkpoint, bytes
         witnesses=witnesses,
         previous_size=state.size,
         entries=tree.size,
+        rotations=[
+            {
+                "size": r.size,
+                "from_origin": vkey_name(r.old_vkey),
+                "to_origin": vkey_name(r.new_vkey),
+                "from_vkey": r.old_vkey,
+                "to_vkey": r.new_vkey,
+            }
+            for r in rotations
+        ],
     )
     return report, checkpoint, note
 
@@ -567,11 +689,13 @@ def check_query_row(
     proof: Sequence[bytes],
     checkpoint: Checkpoint,
     filters: Mapping[str, str | int | None],
+    earlier_origins: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The event of one row of a filtered query, once the row is shown to be what it claims.
 
-    The leaf must be a canonical event of this log at `idx`, match every filter, and be leaf
-    `idx` of the checkpoint's tree by its inclusion proof. Raises VerifyFailure naming the idx.
+    The leaf must be a canonical event of this log at `idx` (of the checkpoint's origin, or of
+    one the log rotated from: `earlier_origins`), match every filter, and be leaf `idx` of the
+    checkpoint's tree by its inclusion proof. Raises VerifyFailure naming the idx.
     """
     try:
         event = parse_leaf(leaf)
@@ -579,7 +703,9 @@ def check_query_row(
         raise VerifyFailure("entries", f"event {idx} is not a valid event: {exc}") from exc
     if event.get("idx") != idx:
         raise VerifyFailure("entries", f"the row at idx {idx} holds the event of idx {event.get('idx')!r}")
-    if event.get("type") != EVENT_TYPE or event.get("origin") != checkpoint.origin:
+    if event.get("type") != EVENT_TYPE or (
+        event.get("origin") != checkpoint.origin and event.get("origin") not in earlier_origins
+    ):
         raise VerifyFailure("entries", f"event {idx} is not an event of this log")
     mismatch = filter_mismatch(event, filters)
     if mismatch is not None:
@@ -609,7 +735,7 @@ def load_pinned(state_dir: Path, vkey: str | None) -> State:
                 "usage", "no log key is pinned in this state directory: give the log's key with --vkey"
             )
         return State(log_vkey=vkey)
-    if vkey and vkey != state.log_vkey:
+    if vkey and vkey != state.log_vkey and vkey not in state.rotated_from:
         raise VerifyFailure("usage", "--vkey differs from the log key pinned in this state directory")
     return state
 
@@ -638,5 +764,8 @@ def run(
             exc.message += f"; both signed checkpoints are kept in {where}"
         raise
     state.size, state.root, state.checkpoint = checkpoint.size, checkpoint.root_hash, note
+    if report.rotations:  # each verified: its old key signed its last checkpoint
+        state.rotated_from = [r["from_vkey"] for r in report.rotations]
+        state.log_vkey = report.rotations[-1]["to_vkey"]
     state.save(state_dir)
     return report

@@ -81,6 +81,9 @@ Outside the tree, on purpose:
   `ValueError` an escape is a bare 500.
 - `_PortOpen` (dev/seaweed.py), private control flow: `SeaweedFS.start()` turns it into
   `SeaweedStartError` and it never leaves the module.
+- `_Fenced` (services/auditlog.py), private control flow: a write under the checkpoint signer
+  lease found the lease in another term; the `Publisher` rolls the transaction back, steps down
+  and logs it, and it never leaves the class.
 
 Third-party exceptions (botocore, sqlite3, asyncpg, aiohttp) are translated where they are
 raised (`storage`, `db`, `client`) and never escape those modules.

@@ -1,4 +1,5 @@
-"""Running the service: `serve` (the API on its settings) and `bootstrap` (the first admin).
+"""Running the service: `serve` (the API on its settings), `bootstrap` (the first admin) and
+`rotate_log_key` (the operator's hand-over of the log to a new key).
 
 Both read settings once from the environment at this edge. `exchange serve` is the production
 entry point; `scripts/run` goes through `devstack`, which first starts a local SeaweedFS and then
@@ -31,11 +32,12 @@ from .db import connect, migrate
 from .errors import ValidationError
 from .identity import Identity
 from .redaction import install_redaction
+from .services import logrotation
 from .services.audit import SYSTEM, AuditLog, Context
 from .services.principals import bootstrap_admin, principal_json
 from .settings import Settings
 
-__all__ = ["JsonFormatter", "bootstrap", "run_until_stopped", "serve"]
+__all__ = ["JsonFormatter", "bootstrap", "rotate_log_key", "run_until_stopped", "serve"]
 
 log = logging.getLogger("exchange.server")
 
@@ -71,6 +73,43 @@ async def bootstrap(
     return await bootstrap_with_settings(
         Settings.from_mapping(env), identity_path=identity_path, name=name, org_name=org_name
     )
+
+
+async def rotate_log_key(settings: Settings, *, new_origin: str, new_key_file: Path) -> dict[str, Any]:
+    """Rotate the log signing key (`services.logrotation`): the new key is written to
+    `new_key_file` (0600; an existing file is taken only if it is a key for `new_origin`, which
+    is how a second run resumes), the rotation event appended, the old key's last checkpoint
+    signed and cosigned. Returns what the operator needs next."""
+    from .services.auditlog import Publisher, load_or_create_signer
+
+    old_file = settings.effective_log_signing_key_file
+    if not old_file.exists():
+        raise ValidationError(f"there is no log signing key at {old_file} to rotate from", code="no-log-key")
+    old = load_or_create_signer(old_file, settings.log_origin)
+    if new_key_file.resolve() == old_file.resolve():
+        raise ValidationError("the new key file must not be the current one", code="log-origin-unchanged")
+    new = load_or_create_signer(new_key_file, new_origin)  # made 0600 and never overwritten
+    db = await connect(settings.effective_database_url)
+    try:
+        await migrate(db)
+        audit = AuditLog(origin=old.name, clock=system_clock)
+        rotation = await logrotation.append_rotation(db, audit, old, new)
+        publisher = Publisher(db, audit, old, settings, system_clock)
+        await publisher.sign_last_word(rotation.size)
+    finally:
+        await db.close()
+    return {
+        "rotated_at_idx": rotation.idx,
+        "last_checkpoint_size": rotation.size,
+        "from_origin": rotation.from_origin,
+        "to_origin": rotation.to_origin,
+        "new_vkey": new.verifier_key(),
+        "new_key_file": str(new_key_file),
+        "next": {
+            "EXCHANGE_LOG_ORIGIN": new.name,
+            "EXCHANGE_LOG_SIGNING_KEY_FILE": str(new_key_file),
+        },
+    }
 
 
 #: Descriptors kept for everything but client connections: database, storage and witness

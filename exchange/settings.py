@@ -92,6 +92,11 @@ class Settings:
     http_max_connections: int = 10_000
     #: Most open client connections from one source: an IPv4 address, or an IPv6 /64.
     http_max_connections_per_source: int = 256
+    #: Reverse proxies whose `X-Forwarded-For` names the client: networks (CIDR, or one address), a
+    #: list (comma-separated in the environment). From a peer inside them the header is required
+    #: and its rightmost address outside them is the client (rate limits, audit `ip`), and the
+    #: per-source connection cap does not apply to the peer. Empty: no forwarding header is trusted.
+    trusted_proxies: tuple[str, ...] = ()
     #: How far a request signature's `created` time may be from the server clock.
     signature_max_skew_s: int = 300
     #: Lifetime of an invite when the admin names none.
@@ -113,6 +118,10 @@ class Settings:
     audit_checkpoint_interval_s: float = 1.0
     #: After this long without an event, the log appends an `audit.heartbeat` event (0: never).
     audit_heartbeat_s: int = 60
+    #: One replica at a time signs checkpoints and appends heartbeats: it holds a lease in the
+    #: database for this long, renewed every third of it; when it dies, another takes over
+    #: within this plus a third. A graceful stop hands the lease over at once.
+    audit_signer_lease_s: float = 10.0
     #: Most events one entries (export) request returns; clients page through longer ranges.
     audit_export_max_entries: int = 100_000
     #: Witnesses (c2sp.org/tlog-witness) asked to cosign each checkpoint: URL prefixes (a list;
@@ -156,17 +165,18 @@ class Settings:
     #: How long after its challenge a link proof may open a download session. A proof that already
     #: opened one keeps continuing it (it names that session), however old.
     link_proof_max_age_s: int = 600
-    #: Link redemptions one client IP may make per minute (token bucket, per replica), and its burst.
+    #: Link redemptions one client IP may make per minute (token bucket, shared by all replicas),
+    #: and its burst.
     redeem_ip_requests_per_min: int = 120
     redeem_ip_burst_requests: int = 60
-    #: Redemptions of one link per minute (token bucket, per replica), and its burst.
+    #: Redemptions of one link per minute (token bucket, shared by all replicas), and its burst.
     redeem_link_requests_per_min: int = 600
     redeem_link_burst_requests: int = 120
 
     # -- refusals ---------------------------------------------------------------------------------
     #: Refused unauthenticated requests (failed signature, unknown route, refused enrolment) one
-    #: source (IPv4 address or IPv6 /64) may make per minute, and its burst (token bucket, per
-    #: replica). Past it, that source's requests needing a signature get 429 before any work.
+    #: source (IPv4 address or IPv6 /64) may make per minute, and its burst (token bucket, shared
+    #: by all replicas). Past it, that source's requests needing a signature get 429 before any work.
     auth_failure_requests_per_min: int = 120
     auth_failure_burst_requests: int = 60
     #: How long such a source's 429 waits before it is sent: a flood on N connections then gets
@@ -177,8 +187,8 @@ class Settings:
     #: Refusals per (source, route, code) and window appended as events of their own; the rest
     #: (and every 429) are counted into one `http.refusals` summary event at the window's end.
     refusal_log_allowance_events: int = 10
-    #: Most (source, route, code) keys counted per window (per replica); further keys share one
-    #: `other` summary.
+    #: Most (source, route, code) keys counted per window (across all replicas); further keys
+    #: share one `other` summary.
     refusal_log_max_keys: int = 10_000
 
     # -- findings --
@@ -255,6 +265,8 @@ class Settings:
             raise ValidationError("page_size_default must be between 1 and page_size_max")
         if self.audit_checkpoint_interval_s == 0:
             raise ValidationError("audit_checkpoint_interval_s must be positive")
+        if not 0 < self.audit_signer_lease_s < float("inf"):  # NaN fails too
+            raise ValidationError("audit_signer_lease_s must be a positive, finite number")
         for name in (
             "http_header_timeout_s",
             "http_keepalive_timeout_s",
@@ -268,6 +280,14 @@ class Settings:
             value = getattr(self, name)
             if value:
                 _check_http_url(name, value)
+        for network in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(network, strict=True)
+            except ValueError:
+                raise ValidationError(
+                    f"setting trusted_proxies: {network!r} is not a network in CIDR form (10.0.0.0/8,"
+                    " 2001:db8::/32, or one address) with no bits set past its prefix"
+                ) from None
         for url in self.witness_urls:
             _check_http_url("witness_urls", url)
             if not self.witness_allow_private:

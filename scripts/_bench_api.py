@@ -2,7 +2,8 @@
 aiohttp handler on the same machine as the ceiling.
 
 The parent starts a throwaway SeaweedFS, `exchange init` and `exchange serve` (SQLite, durable
-commits) in a temporary directory, and a bare aiohttp app in a process of its own. It enrols a
+commits; or `--database postgresql`, a throwaway database whose CPU per request is reported
+too) in a temporary directory, and a bare aiohttp app in a process of its own. It enrols a
 developer and a tester (another organisation) through invites, uploads a small artifact as the
 developer, grants it to the tester, makes two links (one whose download session it opens) and
 then drives each scenario for a bounded time from a load generator in a process of its own, so
@@ -136,9 +137,111 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
     return out
 
 
-def audit_size(db: Path) -> int:
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        return int(conn.execute("SELECT size FROM audit_head").fetchone()[0])
+def postgres_cpu_seconds() -> float:
+    """User + system CPU seconds of every PostgreSQL process on this machine (its backends,
+    writer, WAL writer, checkpointer): what the database spends, beside the service's own."""
+    total = 0.0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        name, rest = stat.split("(", 1)[1].rsplit(")", 1)
+        if name.startswith("postgres"):
+            fields = rest.split()
+            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
+
+
+class Postgres:
+    """A throwaway PostgreSQL database for one run, read with `psql` (the bench's own reads)."""
+
+    def __init__(self, dsn: str) -> None:
+        self.server = dsn.rsplit("/", 1)[0]
+        self.name = f"bench_api_{secrets.token_hex(4)}"
+        self.url = f"{self.server}/{self.name}"
+        self._psql(dsn, f"CREATE DATABASE {self.name}")
+
+    def _psql(self, url: str, sql: str) -> list[list[str]]:
+        out = subprocess.run(
+            ["psql", "-X", "-A", "-t", "-F", "\t", "-d", url, "-c", sql],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        return [line.split("\t") for line in out.splitlines() if line]
+
+    def query(self, sql: str) -> list[list[str]]:
+        return self._psql(self.url, sql)
+
+    def drop(self) -> None:
+        self._psql(f"{self.server}/postgres", f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)")
+
+
+class AuditTables:
+    """The bench's read-only look at the audit log, in SQLite (the file) or PostgreSQL."""
+
+    def __init__(self, sqlite_file: Path, postgres: Postgres | None) -> None:
+        self.file = sqlite_file
+        self.postgres = postgres
+
+    def _rows(self, sql: str, *args: int) -> list[tuple[Any, ...]]:
+        if self.postgres is None:
+            with sqlite3.connect(f"file:{self.file}?mode=ro", uri=True) as conn:
+                return [tuple(r) for r in conn.execute(sql, args).fetchall()]
+        # psql takes no bound parameters; the bench's only ones are its own integer indices.
+        text = sql.replace("?", "{}").format(*(int(a) for a in args))
+        return [tuple(r) for r in self.postgres.query(text)]
+
+    def size(self) -> int:
+        return int(self._rows("SELECT size FROM audit_head")[0][0])
+
+    def growth(self, since: int) -> AuditGrowth:
+        ((events, leaf_bytes),) = self._rows(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(leaf)), 0) FROM audit_events WHERE idx >= ?", since
+        )
+        ((allowed, refused),) = self._rows(
+            "SELECT COALESCE(SUM(CASE WHEN outcome = 'allowed' THEN 1 ELSE 0 END), 0),"
+            " COALESCE(SUM(CASE WHEN outcome != 'allowed' THEN 1 ELSE 0 END), 0)"
+            " FROM audit_events WHERE idx >= ? AND action NOT IN ('http.refusals', 'audit.heartbeat')",
+            since,
+        )
+        if self.postgres is None:
+            leaves = [
+                bytes(r[0])
+                for r in self._rows(
+                    "SELECT leaf FROM audit_events WHERE idx >= ? AND action = 'http.refusals'", since
+                )
+            ]
+        else:
+            leaves = [
+                bytes.fromhex(r[0])
+                for r in self._rows(
+                    "SELECT encode(leaf, 'hex') FROM audit_events"
+                    " WHERE idx >= ? AND action = 'http.refusals'",
+                    since,
+                )
+            ]
+        suppressed = sum(int(json.loads(leaf)["details"]["suppressed"]) for leaf in leaves)
+        return AuditGrowth(int(events), int(allowed), int(refused), len(leaves), suppressed, int(leaf_bytes))
+
+    def bytes(self) -> int:
+        """The bytes of the pages holding the audit log: events, tree nodes, checkpoints and their
+        indexes (SQLite's dbstat, the write-ahead log read through; PostgreSQL's relation sizes).
+        Other tables, such as the nonces of signed requests, are left out."""
+        if self.postgres is None:
+            sql = (
+                "SELECT COALESCE(SUM(pgsize), 0) FROM dbstat"
+                " WHERE name LIKE 'audit%' OR name LIKE 'sqlite_autoindex_audit%'"
+            )
+        else:
+            sql = (
+                "SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0) FROM pg_class c"
+                " WHERE c.relkind = 'r' AND c.relname LIKE 'audit%'"
+            )
+        return int(self._rows(sql)[0][0])
 
 
 @dataclass(frozen=True)
@@ -151,35 +254,6 @@ class AuditGrowth:
     summaries: int
     suppressed: int
     leaf_bytes: int
-
-
-def audit_growth(db: Path, since: int) -> AuditGrowth:
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        events, leaf_bytes = conn.execute(
-            "SELECT COUNT(*), COALESCE(SUM(LENGTH(leaf)), 0) FROM audit_events WHERE idx >= ?", (since,)
-        ).fetchone()
-        allowed, refused = conn.execute(
-            "SELECT COALESCE(SUM(outcome = 'allowed'), 0), COALESCE(SUM(outcome != 'allowed'), 0)"
-            " FROM audit_events WHERE idx >= ? AND action NOT IN ('http.refusals', 'audit.heartbeat')",
-            (since,),
-        ).fetchone()
-        leaves = conn.execute(
-            "SELECT leaf FROM audit_events WHERE idx >= ? AND action = 'http.refusals'", (since,)
-        ).fetchall()
-    suppressed = sum(int(json.loads(bytes(leaf))["details"]["suppressed"]) for (leaf,) in leaves)
-    return AuditGrowth(events, allowed, refused, len(leaves), suppressed, leaf_bytes)
-
-
-def audit_bytes(db: Path) -> int:
-    """The bytes of the pages holding the audit log: events, tree nodes, checkpoints and their
-    indexes (SQLite's dbstat; the write-ahead log read through, so a checkpoint of it into the
-    file changes nothing). Other tables, such as the nonces of signed requests, are left out."""
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        (size,) = conn.execute(
-            "SELECT COALESCE(SUM(pgsize), 0) FROM dbstat"
-            " WHERE name LIKE 'audit%' OR name LIKE 'sqlite_autoindex_audit%'"
-        ).fetchone()
-        return int(size)
 
 
 def loadavg() -> str:
@@ -478,7 +552,8 @@ class Bench:
     def __init__(self, args: argparse.Namespace, work: Path) -> None:
         self.args = args
         self.work = work
-        self.db = work / "exchange.db"
+        self.postgres = Postgres(args.postgres_dsn) if args.database == "postgresql" else None
+        self.audit = AuditTables(work / "exchange.db", self.postgres)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server: subprocess.Popen[bytes] | None = None
@@ -606,22 +681,26 @@ async def scenario(
 ) -> StreamResult:
     assert bench.server is not None
     pid = bench.server.pid
-    events0 = audit_size(bench.db)
+    events0 = bench.audit.size()
     stats0, cpu0, threads0 = process_stats(pid), cpu_seconds(pid), thread_cpu_seconds(pid)
+    pg0 = postgres_cpu_seconds() if bench.postgres else 0.0
     (result,) = await bench.run([Stream(name, spec, concurrency, presign, rate)], seconds)
     cpu1, stats1, threads1 = cpu_seconds(pid), process_stats(pid), thread_cpu_seconds(pid)
+    pg1 = postgres_cpu_seconds() if bench.postgres else 0.0
     print(report(result, cpu1 - cpu0, (stats0, stats1)), flush=True)
     if result.answered:
         loop = threads1.get(pid, 0.0) - threads0.get(pid, 0.0)
+        database = f", PostgreSQL {(pg1 - pg0) / result.answered * 1000:.2f}" if bench.postgres else ""
         print(
-            f"{'':<40} server CPU ms/request: {loop / result.answered * 1000:.2f} in the event loop,"
-            f" {(cpu1 - cpu0 - loop) / result.answered * 1000:.2f} in other threads (database, storage)",
+            f"{'':<40} CPU ms/request: {loop / result.answered * 1000:.2f} in the event loop,"
+            f" {(cpu1 - cpu0 - loop) / result.answered * 1000:.2f} in other threads (database, storage)"
+            f"{database}",
             flush=True,
         )
     if writes:
         # Each success is one event; refusals are events of their own up to the allowance, the
         # rest (a 429 always) counted into summaries, some pending until their window ends.
-        grown = audit_growth(bench.db, events0)
+        grown = bench.audit.growth(events0)
         ok = result.count(200, 400)
         refused = result.answered - ok
         verdict = "equal" if grown.allowed == ok * events_per_success else "MISMATCH"
@@ -637,7 +716,7 @@ async def scenario(
 
 def accounted(bench: Bench, since: int, refused: int) -> str:
     """After the server stopped (its last summaries written): do events and counts add up?"""
-    grown = audit_growth(bench.db, since)
+    grown = bench.audit.growth(since)
     total = grown.refused + grown.suppressed
     verdict = "equal" if total == refused else "MISMATCH"
     return (
@@ -647,19 +726,28 @@ def accounted(bench: Bench, since: int, refused: int) -> str:
 
 
 async def run(args: argparse.Namespace, work: Path) -> None:
-    store = SeaweedFS(work / "storage", credentials=S3Credentials.generate())
+    store = SeaweedFS(
+        work / "storage",
+        credentials=S3Credentials.generate(),
+        service_credentials=S3Credentials.generate(),  # the service's least-privilege keys
+        bucket="exchange",
+    )
     store.start()
     bench = Bench(args, work)
     ceiling_proc: subprocess.Popen[bytes] | None = None
     try:
         store.ensure_bucket("exchange")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_")} | {
-            "EXCHANGE_HOME": str(work),
-            "EXCHANGE_PORT": str(bench.port),
-            "EXCHANGE_S3_ENDPOINT": store.endpoint,
-            "EXCHANGE_S3_ACCESS_KEY_ID": store.credentials.access_key_id,
-            "EXCHANGE_S3_SECRET_ACCESS_KEY": store.credentials.secret_access_key,
-        }
+        env = (
+            {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_")}
+            | {
+                "EXCHANGE_HOME": str(work),
+                "EXCHANGE_PORT": str(bench.port),
+                "EXCHANGE_S3_ENDPOINT": store.endpoint,
+                "EXCHANGE_S3_ACCESS_KEY_ID": store.service_credentials.access_key_id,
+                "EXCHANGE_S3_SECRET_ACCESS_KEY": store.service_credentials.secret_access_key,
+            }
+            | ({"EXCHANGE_DATABASE_URL": bench.postgres.url} if bench.postgres else {})
+        )
         admin_path = work / "admin.identity"
         subprocess.run(
             [*EXCHANGE, "--identity", str(admin_path), "init"], env=env, check=True, capture_output=True
@@ -673,7 +761,8 @@ async def run(args: argparse.Namespace, work: Path) -> None:
         presign = args.presign
         load = os.getloadavg()
         print(
-            f"{conc} connections, {seconds:.0f} s per scenario, SQLite (synchronous=FULL),"
+            f"{conc} connections, {seconds:.0f} s per scenario,"
+            f" {'PostgreSQL' if bench.postgres else 'SQLite (synchronous=FULL)'},"
             f" {os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
         )
         session_file = RequestSpec("GET", f"{url}/l/{fx.session_token}/files/0?session={fx.session}")
@@ -691,7 +780,7 @@ async def run(args: argparse.Namespace, work: Path) -> None:
 
         print("\nat the default redemption limits (EXCHANGE_REDEEM_*: 120/min and burst 60 per address):")
         print(HEADER)
-        events0 = audit_size(bench.db)
+        events0 = bench.audit.size()
         limited = await scenario(
             bench,
             "GET /l/T/files/0?session= (default)",
@@ -783,6 +872,8 @@ async def run(args: argparse.Namespace, work: Path) -> None:
             except subprocess.TimeoutExpired:
                 ceiling_proc.kill()
         store.stop()
+        if bench.postgres is not None:
+            bench.postgres.drop()
 
 
 async def flood(
@@ -810,7 +901,7 @@ async def flood(
         seconds,
     )
     print(report(baseline, None, None), flush=True)
-    events0, bytes0, cpu0 = audit_size(bench.db), audit_bytes(bench.db), cpu_seconds(pid)
+    events0, bytes0, cpu0 = bench.audit.size(), bench.audit.bytes(), cpu_seconds(pid)
     how = f"at {rate:.0f}/s" if rate else "closed loop"
     signed_result, flooded = await bench.run(
         [
@@ -834,9 +925,9 @@ async def flood(
     cpu = cpu_seconds(pid) - cpu0
     print(report(signed_result, None, None))
     print(report(flooded, None, None), flush=True)
-    during = audit_growth(bench.db, events0)
+    during = bench.audit.growth(events0)
     bench.stop_server()  # its last summaries are written on the way out
-    grown = audit_growth(bench.db, events0)
+    grown = bench.audit.growth(events0)
     ratio = signed_result.rps() / baseline.rps() if baseline.rps() else 0.0
     refused = flooded.answered - flooded.count(200, 400)
     total = signed_result.answered + flooded.answered
@@ -844,7 +935,7 @@ async def flood(
         f"signed throughput beside the flood: {signed_result.rps():.0f}/s,"
         f" {ratio:.0%} of {baseline.rps():.0f}/s alone; server CPU {cpu:.1f} s for {total} requests"
     )
-    grew = audit_bytes(bench.db) - bytes0
+    grew = bench.audit.bytes() - bytes0
     print(
         f"audit events added by {flooded.answered} flood answers in {seconds:.0f} s:"
         f" +{during.events} while it ran, +{grown.events} once the server stopped"
@@ -865,7 +956,7 @@ async def soak(bench: Bench, seconds: float, conc: int, specs: list[RequestSpec]
     names = ["POST /v1/links (soak)", "GET /l/T/files/0?session= (soak)", "GET /v1/audit/events (soak)"]
     share = [max(1, conc // 4), max(1, conc // 2), max(1, conc // 4)]
     streams = [Stream(n, s, c, presign) for n, s, c in zip(names, specs, share, strict=True)]
-    events0, cpu0 = audit_size(bench.db), cpu_seconds(pid)
+    events0, cpu0 = bench.audit.size(), cpu_seconds(pid)
     samples = [(0.0, *process_stats(pid))]
     started = time.monotonic()
     task = asyncio.ensure_future(bench.run(streams, seconds))
@@ -882,7 +973,7 @@ async def soak(bench: Bench, seconds: float, conc: int, specs: list[RequestSpec]
     total = sum(r.answered for r in results)
     for r in results:
         print(report(r, None, None))  # the server's CPU is one figure for the mix, below
-    grown = audit_size(bench.db) - events0
+    grown = bench.audit.size() - events0
     print(f"audit events +{grown} for {total} answers: {'equal' if grown == total else 'MISMATCH'}")
     print(f"server CPU {cpu:.1f} s for {total} requests: {cpu / max(total, 1) * 1000:.2f} ms/request")
     print(
@@ -913,6 +1004,18 @@ def main() -> None:
     )
     parser.add_argument(
         "--profile", default=None, help="write a cProfile of the server (limits raised) to this file"
+    )
+    parser.add_argument(
+        "--database",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="the service's database (default sqlite; postgresql: a throwaway database on"
+        " --postgres-dsn's server, dropped afterwards, and its CPU per request reported)",
+    )
+    parser.add_argument(
+        "--postgres-dsn",
+        default=os.environ.get("EXCHANGE_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"),
+        help="a PostgreSQL server to create the throwaway database on (default: the tests' DSN)",
     )
     parser.add_argument(
         "--flood-rate",

@@ -2,7 +2,9 @@
 
 Run through `scripts/bench-audit` (which makes .venv). For each database it appends `--events`
 events (default 1,000,000) in durable transactions of `--batch` events (SQLite: WAL with
-synchronous=FULL, so every commit is fsynced), then measures, at that size:
+synchronous=FULL, so every commit is fsynced) from `--writers` concurrent appenders (the service
+appends one event per request, from as many requests as are in flight), then measures, at that
+size:
 
 - inclusion proofs of random leaves and consistency proofs between random sizes, each one
   query of O(log n) stored nodes plus the fold (p50/p99 over `--samples`);
@@ -88,7 +90,7 @@ def _pct(samples: list[float]) -> str:
     return f"p50 {p50 * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms"
 
 
-async def bench(db: Database, name: str, events: int, batch: int, samples: int) -> None:
+async def bench(db: Database, name: str, events: int, batch: int, samples: int, writers: int = 1) -> None:
     rng = random.Random(1)  # noqa: S311 - reproducible workload, not secrets
     log = AuditLog(origin="bench.example/audit", clock=lambda: time.time_ns() // 1_000_000)
     ctx = Context(ip="203.0.113.7", user_agent="exchange-bench/1", request_id="bench")
@@ -98,20 +100,30 @@ async def bench(db: Database, name: str, events: int, batch: int, samples: int) 
     t0 = time.perf_counter()
     last = t0
     done = 0
-    while done < todo:
-        n = min(batch, todo - done)
-        items = _entries(rng, n)
-        async with db.transaction() as conn:
-            await log.append_many(conn, ctx, items)
-        done += n
-        if time.perf_counter() - last > 10:
-            last = time.perf_counter()
-            print(f"  {name}: {start_size + done:,} events, {done / (last - t0):,.0f} appends/s", flush=True)
+
+    async def writer() -> None:
+        # Each writer takes its share in turn; all append to the one log, so they queue on its
+        # head (SQLite: the one writer, grouped commits; PostgreSQL: the head row's lock).
+        nonlocal done, last
+        while done < todo:
+            n = min(batch, todo - done)
+            done += n
+            items = _entries(rng, n)
+            async with db.transaction() as conn:
+                await log.append_many(conn, ctx, items)
+            if time.perf_counter() - last > 10:
+                last = time.perf_counter()
+                print(
+                    f"  {name}: {start_size + done:,} events, {done / (last - t0):,.0f} appends/s", flush=True
+                )
+
+    await asyncio.gather(*(writer() for _ in range(writers)))
     elapsed = time.perf_counter() - t0
     if todo:
         print(
             f"{name}: appended {todo:,} events in {elapsed:.1f} s: {todo / elapsed:,.0f} appends/s "
-            f"(durable commits of {batch})"
+            f"(durable commits of {batch}, {writers} concurrent writer{'s' if writers > 1 else ''}; "
+            f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())})"
         )
     async with db.read() as conn:
         size = await auditlog.tree_size(conn)
@@ -185,6 +197,12 @@ async def main() -> None:
     parser.add_argument("--events", type=int, default=1_000_000, help="log size to reach (default 1,000,000)")
     parser.add_argument("--batch", type=int, default=1000, help="events per durable transaction")
     parser.add_argument("--samples", type=int, default=1000, help="latency samples per measure")
+    parser.add_argument(
+        "--writers",
+        type=int,
+        default=1,
+        help="concurrent appenders (each request of the service is one; default 1)",
+    )
     parser.add_argument("--database", choices=["sqlite", "postgresql", "both"], default="both")
     parser.add_argument("--sqlite-path", help="reuse this SQLite file (default: a temporary one)")
     parser.add_argument(
@@ -201,7 +219,7 @@ async def main() -> None:
             db = await connect(f"sqlite:///{path}")
             try:
                 await migrate(db)
-                await bench(db, "sqlite", args.events, args.batch, args.samples)
+                await bench(db, "sqlite", args.events, args.batch, args.samples, args.writers)
             finally:
                 await db.close()
     if args.database in ("postgresql", "both"):
@@ -212,7 +230,7 @@ async def main() -> None:
             db = await connect(args.postgres_dsn.rpartition("/")[0] + "/" + name)
             try:
                 await migrate(db)
-                await bench(db, "postgresql", args.events, args.batch, args.samples)
+                await bench(db, "postgresql", args.events, args.batch, args.samples, args.writers)
             finally:
                 await db.close()
         finally:

@@ -49,11 +49,22 @@ BUCKET = "exchange-test"
 
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
-    """One SeaweedFS for the whole session, with credentials (unsigned requests are refused)."""
+    """One SeaweedFS for the whole session, with credentials (unsigned requests are refused).
+
+    Two identities, as in production: `seaweed.credentials` is the operator's (it made the
+    bucket; tests inspect storage with it), `seaweed.service_credentials` the service's, which
+    may only read and write objects in BUCKET. Every stack the suite starts gets the latter, so
+    the suite passing shows the least-privilege identity suffices.
+    """
     data = tmp_path_factory.mktemp("seaweed")
-    store = SeaweedFS(data, credentials=S3Credentials.generate())
+    store = SeaweedFS(
+        data,
+        credentials=S3Credentials.generate(),
+        service_credentials=S3Credentials.generate(),
+        bucket=BUCKET,
+    )
     store.start()
-    store.ensure_bucket(BUCKET)
+    store.ensure_bucket()
     yield store
     store.stop()
 
@@ -125,14 +136,22 @@ class FakeClock:
         self.now_ms += int(seconds * 1000)
 
 
+def service_keys(seaweed: SeaweedFS) -> S3Credentials:
+    """The keys a service started on `seaweed` is given: the store's service identity.
+
+    A store a test made for itself without one (to kill it, say) has only the operator's keys.
+    """
+    return seaweed.service_credentials if seaweed.bucket is not None else seaweed.credentials
+
+
 def make_settings(tmp_path: Path, database_url: str, seaweed: SeaweedFS, **overrides: Any) -> Settings:
     base = Settings(
         home=tmp_path,
         database_url=database_url,
         s3_endpoint=seaweed.endpoint,
         s3_bucket=BUCKET,
-        s3_access_key_id=seaweed.credentials.access_key_id,
-        s3_secret_access_key=seaweed.credentials.secret_access_key,
+        s3_access_key_id=service_keys(seaweed).access_key_id,
+        s3_secret_access_key=service_keys(seaweed).secret_access_key,
     )
     return base.replace(**overrides) if overrides else base
 
@@ -274,8 +293,8 @@ def service_env(home: Path, port: int, seaweed: SeaweedFS, **extra: str) -> dict
         "EXCHANGE_PORT": str(port),
         "EXCHANGE_S3_ENDPOINT": seaweed.endpoint,
         "EXCHANGE_S3_BUCKET": BUCKET,
-        "EXCHANGE_S3_ACCESS_KEY_ID": seaweed.credentials.access_key_id,
-        "EXCHANGE_S3_SECRET_ACCESS_KEY": seaweed.credentials.secret_access_key,
+        "EXCHANGE_S3_ACCESS_KEY_ID": service_keys(seaweed).access_key_id,
+        "EXCHANGE_S3_SECRET_ACCESS_KEY": service_keys(seaweed).secret_access_key,
         **extra,
     }
 

@@ -97,3 +97,63 @@ def test_two_stacks_side_by_side_stop_cleanly_and_restart_on_their_data(tmp_path
         assert whoami(text)["key_id"] == me_a["key_id"]
     finally:
         assert again.stop() == 0
+
+
+def test_help_teaches_the_options() -> None:
+    out = subprocess.run(
+        [str(ROOT / "scripts" / "run"), "--help"], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    for words in ("--replicas N", "--database", "postgresql", "HAProxy", "EXCHANGE_HOME", "SQLite"):
+        assert words in out.stdout
+
+
+@pytest.mark.parametrize("args", [["--replicas", "3"], ["--replicas", "2", "--database", "sqlite"]])
+def test_replicas_need_postgresql(args: list[str]) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_")}
+    out = subprocess.run(
+        [str(ROOT / "scripts" / "run"), *args], capture_output=True, text=True, env=env, check=False
+    )
+    assert out.returncode == 2
+    assert "needs PostgreSQL" in out.stderr and "--database postgresql" in out.stderr
+
+
+@pytest.mark.slow
+def test_replicas_behind_haproxy_stop_cleanly(tmp_path: Path) -> None:
+    """`scripts/run --replicas 2 --database URL`: the proxy's URL works, each replica's port is
+    printed, and SIGTERM stops replicas, proxy and storage."""
+    import asyncio
+
+    from tests.conftest import POSTGRES_DSN, PostgresDatabases
+
+    pg = PostgresDatabases(POSTGRES_DSN)
+    database = asyncio.run(pg.create())
+    asyncio.run(pg.drop(database))  # scripts/run must create it
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_")}
+    port = free_port()
+    env |= {"EXCHANGE_HOME": str(tmp_path / "home"), "EXCHANGE_PORT": str(port)}
+    log = tmp_path / "run.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [str(ROOT / "scripts" / "run"), "--replicas", "2", "--database", database],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while "Ctrl-C stops" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.3)
+        text = log.read_text()
+        assert f"HAProxy listening on http://127.0.0.1:{port}" in text
+        assert len(re.findall(r"replica \d: http://127\.0\.0\.1:\d+", text)) == 2
+        assert whoami(text)["name"] == "admin"
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert any("haproxy" in p.name() for p in children) and any("weed" in p.name() for p in children)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+        asyncio.run(pg.drop(database))
+    assert code == 0, log.read_text()[-3000:]
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in children)

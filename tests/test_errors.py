@@ -29,6 +29,8 @@ OUTSIDE_THE_TREE = {
     "exchange.format.linkproof.LinkProofError",
     # Private control flow: SeaweedFS.start() re-raises it as SeaweedStartError.
     "exchange.dev.seaweed._PortOpen",
+    # Private control flow: the Publisher rolls back, steps down and logs it.
+    "exchange.services.auditlog._Fenced",
 }
 
 #: What `exit_code_for` answered for each class before the IntegrityFailure branch (computed by

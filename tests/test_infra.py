@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import tomllib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -25,6 +26,7 @@ import pytest
 import yaml
 
 from exchange.cli import main
+from exchange.dev.seaweed import ADMIN_ACTIONS, SERVICE_ACTIONS
 from exchange.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -470,6 +472,7 @@ def k8s_problems(objects: list[dict[str, Any]]) -> list[str]:
                 if mounts.get(key_dir) not in secret_volumes:
                     problems.append(f"{where}: the log signing key {key_dir} is not mounted from a Secret")
                 problems += _probe_problems(where, c, settings.port)
+                problems += _metrics_problems(where, workload, c, settings.metrics_port)
                 grace = pod.get("terminationGracePeriodSeconds", 30)
                 if grace <= getattr(settings, "shutdown_grace_s", 0):
                     problems.append(f"{where}: terminationGracePeriodSeconds is not above shutdown_grace_s")
@@ -490,6 +493,7 @@ def k8s_problems(objects: list[dict[str, Any]]) -> list[str]:
                     problems.append(f"Service {service['metadata']['name']}: no container port {port}")
     if ["exchange", "serve"] not in runs:
         problems.append("nothing runs `exchange serve`")
+    problems += _network_policy_problems(objects)
     if not any("init" in argv for argv in runs):
         problems.append("no Job runs `exchange init` (the migration and first admin)")
     return problems
@@ -504,6 +508,42 @@ def _probe_problems(where: str, container: Mapping[str, Any], port: int) -> list
         get = container.get(probe, {}).get("httpGet", {})
         if get.get("path") != path or named.get(get.get("port"), get.get("port")) != port:
             problems.append(f"{where}: {probe} is not GET {path} on port {port}")
+    return problems
+
+
+def _metrics_problems(
+    where: str, workload: Mapping[str, Any], container: Mapping[str, Any], metrics_port: int
+) -> list[str]:
+    """The metrics listener is declared where Prometheus looks, and nowhere else."""
+    if not metrics_port:
+        return []
+    named = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+    annotations = workload["spec"]["template"]["metadata"].get("annotations", {})
+    problems = []
+    if named.get("metrics") != metrics_port:
+        problems.append(f"{where}: no containerPort named metrics at EXCHANGE_METRICS_PORT {metrics_port}")
+    if annotations.get("prometheus.io/port") not in (None, str(metrics_port)):
+        problems.append(f"{where}: the prometheus.io/port annotation is not {metrics_port}")
+    return problems
+
+
+def _network_policy_problems(objects: list[dict[str, Any]]) -> list[str]:
+    """The metrics port is reachable from the monitoring namespace only; the API port from anyone."""
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    if not policies:
+        return ["no NetworkPolicy guards the metrics port"]
+    problems = []
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", []):
+            ports = {p["port"] for p in rule.get("ports", [])}
+            sources = rule.get("from", [])
+            anywhere = not sources or any(
+                f.get("ipBlock", {}).get("cidr") in ("0.0.0.0/0", "::/0") for f in sources
+            )
+            if "metrics" in ports and anywhere:
+                problems.append(f"NetworkPolicy {policy['metadata']['name']}: metrics open to everyone")
+            if "http" in ports and "metrics" in ports:
+                problems.append(f"NetworkPolicy {policy['metadata']['name']}: one rule for API and metrics")
     return problems
 
 
@@ -537,6 +577,21 @@ def test_kustomization_lists_files_that_exist() -> None:
         ("deployment.yaml", "runAsUser: 10001", "runAsUser: 0", "runAsNonRoot"),
         ("deployment.yaml", "readOnlyRootFilesystem: true", "readOnlyRootFilesystem: false", "readOnly"),
         ("deployment.yaml", "replicas: 3", "replicas: 1", "not replicated"),
+        ("configmap.yaml", 'EXCHANGE_METRICS_PORT: "9090"', 'EXCHANGE_METRICS_PORT: "9091"', "named metrics"),
+        ("deployment.yaml", 'prometheus.io/port: "9090"', 'prometheus.io/port: "9100"', "annotation"),
+        (
+            "networkpolicy.yaml",
+            "- namespaceSelector:\n            matchLabels: {kubernetes.io/metadata.name: monitoring}",
+            "- ipBlock: {cidr: 0.0.0.0/0}",
+            "metrics open",
+        ),
+        (
+            "networkpolicy.yaml",
+            "    - from:\n        - namespaceSelector:\n"
+            "            matchLabels: {kubernetes.io/metadata.name: monitoring}\n      ports:",
+            "    - ports:",
+            "metrics open",
+        ),
         (
             "configmap.yaml",
             'EXCHANGE_SHUTDOWN_GRACE_S: "25"',
@@ -573,6 +628,20 @@ OPERATION_ACTIONS = {
     "abort_multipart_upload": ("s3:AbortMultipartUpload", f"{BUCKET}/*"),
     "list_parts": ("s3:ListMultipartUploadParts", f"{BUCKET}/*"),
     "delete_object": ("s3:DeleteObject", f"{BUCKET}/*"),
+}
+#: The same operations as SeaweedFS identity actions (weed's coarser classes, scoped to the bucket).
+WEED_ACTIONS = {
+    "head_bucket": "Read",
+    "get_object": "Read",
+    "presigned_get_object": "Read",
+    "head_object": "Read",
+    "list_parts": "Read",
+    "put_object": "Write",
+    "create_multipart_upload": "Write",
+    "upload_part": "Write",
+    "complete_multipart_upload": "Write",
+    "abort_multipart_upload": "Write",
+    "delete_object": "Write",
 }
 #: Operations storage.py has that the service's identity is deliberately not allowed.
 NOT_GRANTED = {
@@ -614,6 +683,27 @@ def policy_problems(policy: Mapping[str, Any]) -> list[str]:
 
 def test_every_storage_operation_is_placed() -> None:
     assert storage_operations() - OPERATION_ACTIONS.keys() - NOT_GRANTED.keys() == set()
+    assert storage_operations() - WEED_ACTIONS.keys() - NOT_GRANTED.keys() == set()
+
+
+def test_seaweed_service_identity_grants_exactly_what_storage_uses() -> None:
+    """The dev stores' service identity (exchange/dev/seaweed.py) and its template in infra/local/."""
+    needed = {WEED_ACTIONS[op] for op in storage_operations() if op in WEED_ACTIONS}
+    assert set(SERVICE_ACTIONS) == needed
+    template = json.loads((INFRA / "local" / "s3-identities.example.json").read_text())
+    actions = {i["name"]: i["actions"] for i in template["identities"]}
+    assert actions == {
+        "admin": list(ADMIN_ACTIONS),
+        "exchange": [f"{action}:BUCKET_NAME" for action in SERVICE_ACTIONS],
+    }
+
+
+def test_local_security_template_locks_what_the_cluster_locks() -> None:
+    example = tomllib.loads((INFRA / "local" / "security.toml.example").read_text())
+    assert all(example["jwt"][part]["key"] == "CHANGE_ME" for part in ("signing", "filer_signing"))
+    assert all(example["jwt"][part]["read"]["key"] == "CHANGE_ME" for part in ("signing", "filer_signing"))
+    assert example["access"] == {"ui": False}
+    assert {"master", "volume", "filer", "s3", "client"} <= example["grpc"].keys()
 
 
 @pytest.mark.parametrize("name", ["policy-aws.json", "policy-minio.json"])

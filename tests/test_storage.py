@@ -19,14 +19,18 @@ from exchange.storage import PresignedRequest, Storage, new_object_key
 from tests.conftest import BUCKET
 
 
-def storage_for(seaweed: SeaweedFS, *, endpoint: str | None = None, public: str | None = None) -> Storage:
+def storage_for(
+    seaweed: SeaweedFS, *, endpoint: str | None = None, public: str | None = None, operator: bool = False
+) -> Storage:
+    """A Storage with the service's least-privilege keys (the operator's, to make buckets)."""
+    keys = seaweed.credentials if operator else seaweed.service_credentials
     return Storage(
         endpoint=endpoint or seaweed.endpoint,
         public_endpoint=public,
         region="us-east-1",
         bucket=BUCKET,
-        access_key_id=seaweed.credentials.access_key_id,
-        secret_access_key=seaweed.credentials.secret_access_key,
+        access_key_id=keys.access_key_id,
+        secret_access_key=keys.secret_access_key,
         timeout_s=3,
     )
 
@@ -184,7 +188,7 @@ async def test_unreachable_storage_is_a_dependency_error(seaweed: SeaweedFS) -> 
 
 
 async def test_ensure_bucket_is_idempotent(seaweed: SeaweedFS) -> None:
-    s = storage_for(seaweed)
+    s = storage_for(seaweed, operator=True)
     s.bucket = "exchange-second"
     try:
         await s.ensure_bucket()

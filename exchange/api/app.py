@@ -1,7 +1,9 @@
 """The application factory and the request pipeline every route goes through.
 
 `create_app(settings)` builds the app from the route table; one cleanup context opens and closes
-every resource (database, storage client, background tasks). The pipeline middleware gives each
+every resource (database, storage client, background tasks). First, `api.forwarded` puts the
+client's address in `request.remote` when the peer is a trusted proxy (`trusted_proxies`), so that
+every limit and audit event downstream names the client. The pipeline middleware gives each
 request an id and an audit context, enforces the body limit, authenticates (unless the route
 says otherwise), parses and validates the JSON body against the route's schema, and turns every
 error into a problem detail — accounting for each refusal through `api.refusals`, which also
@@ -25,7 +27,7 @@ from aiohttp import web
 from ..errors import BodyTimeout, ExchangeError, PayloadTooLarge, RateLimited, ValidationError
 from ..services.audit import Context
 from ..settings import Settings
-from . import artifacts, audit, findings, health, links, metrics, principals, refusals, uploadlinks
+from . import artifacts, audit, findings, forwarded, health, links, metrics, principals, refusals, uploadlinks
 from .auth import authenticate
 from .keys import AUDIT, CLOCK, OPENAPI, SETTINGS, VALIDATORS
 from .lifetime import lifetime
@@ -171,6 +173,9 @@ async def _handle(request: web.Request, handler: Handler, route: Route | None) -
     app = request.app
     ctx = request[CTX]
     try:
+        refused = request.get(forwarded.FORWARDED_REFUSAL)
+        if refused is not None:  # a trusted proxy's unusable X-Forwarded-For: nothing else is done
+            raise refused
         await refusals.gate(request, route)  # before the body, the signature and the database
         if route is None:
             response = await handler(request)  # aiohttp's own 404/405 handlers
@@ -215,8 +220,12 @@ async def _handle(request: web.Request, handler: Handler, route: Route | None) -
 def create_app(settings: Settings, *, clock: Callable[[], int] = system_clock) -> web.Application:
     if not settings.s3_endpoint:
         raise ValidationError("settings.s3_endpoint is empty: the service needs an S3 store")
-    app = web.Application(middlewares=[pipeline], client_max_size=settings.max_body_bytes)
+    # The client's address first: the pipeline's refusal gate, limits and audit context use it.
+    app = web.Application(
+        middlewares=[forwarded.middleware, pipeline], client_max_size=settings.max_body_bytes
+    )
     app[SETTINGS] = settings
+    app[forwarded.TRUSTED_PROXIES] = forwarded.TrustedProxies.from_settings(settings)
     app[CLOCK] = clock
     app[IN_FLIGHT] = InFlight()
     counted = metrics.setup(app, clock)

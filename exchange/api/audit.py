@@ -48,7 +48,9 @@ _MAX_INT = 2**63 - 1
 
 
 async def start_publisher(app: web.Application, signer: Signer) -> svc.Publisher:
-    """The checkpoint publisher, after the log's start check (api/lifetime.py runs it)."""
+    """The checkpoint publisher, after the log's start check (api/lifetime.py runs it). Every
+    replica has one; it signs only while this replica holds the signer lease, which its task
+    (`Publisher.run_forever`) takes at once if no other replica holds it."""
     settings = app[SETTINGS]
     app[SIGNER] = signer
     log.info("audit log verifier key: %s", signer.verifier_key())

@@ -13,7 +13,9 @@ the attacker nothing. This module bounds every connection that is not inside a r
 - **caps**: at most `http_max_connections` open connections in total and
   `http_max_connections_per_source` from one source (an IPv4 address, or an IPv6 /64, since one
   host commonly holds a whole /64). A connection over either cap is closed at once, before
-  aiohttp sees it.
+  aiohttp sees it. A peer inside `trusted_proxies` is under the total cap only: a reverse proxy
+  multiplexes many clients onto its connections and enforces the per-source cap itself (the
+  generated HAProxy configuration of `dev.replicas` does, from the same setting).
 
 How: `start_site` serves an app through a site whose protocol factory wraps each of aiohttp's
 connection handlers in `_GuardedProtocol`, which admits or refuses the connection and notes each
@@ -22,9 +24,9 @@ a request's headers were complete (aiohttp hands the request to the app as soon 
 when its response was written. One watchdog task per site closes connections past their deadline.
 
 What this module does not do: time out request bodies (`api/app.py` reads every body within
-`http_body_timeout_s`) or slow handlers; limit request rates (`api/ratelimit.py`); or see
-through a reverse proxy: behind one, every connection comes from the proxy's address, so the
-per-source cap must be at least the proxy's connection pool.
+`http_body_timeout_s`) or slow handlers; limit request rates (`api/ratelimit.py`); or count
+connections per client behind a proxy: it sees only the proxy's connections (requests learn the
+client's address from `api/forwarded.py`, after a connection is admitted).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from yarl import URL
 
 from ..settings import Settings
 from . import refusals
+from .forwarded import TrustedProxies
 from .problems import internal_error, problem_body, problem_response
 from .ratelimit import source_key
 from .routing import Handler
@@ -90,11 +93,14 @@ class ConnectionGuard:
         keepalive_timeout_s: float,
         max_connections: int,
         max_connections_per_source: int,
+        trusted_proxies: TrustedProxies | None = None,
     ) -> None:
         self.header_timeout_s = header_timeout_s
         self.keepalive_timeout_s = keepalive_timeout_s
         self.max_connections = max_connections
         self.max_connections_per_source = max_connections_per_source
+        #: Peers under the total cap only (reverse proxies, which cap per source themselves).
+        self.trusted_proxies = trusted_proxies if trusted_proxies is not None else TrustedProxies(())
         self._by_handler: dict[RequestHandler, _Connection] = {}
         self._per_source: dict[str, int] = {}
         self._watchdog: asyncio.Task[None] | None = None
@@ -110,6 +116,7 @@ class ConnectionGuard:
             keepalive_timeout_s=settings.http_keepalive_timeout_s,
             max_connections=settings.http_max_connections,
             max_connections_per_source=settings.http_max_connections_per_source,
+            trusted_proxies=TrustedProxies.from_settings(settings),
         )
 
     # -- the connection's side ------------------------------------------------------------------
@@ -118,10 +125,11 @@ class ConnectionGuard:
         self, transport: asyncio.BaseTransport, make_handler: Callable[[], RequestHandler]
     ) -> RequestHandler | None:
         """A handler for a new connection, or None when it is over a cap."""
-        source = source_of(transport.get_extra_info("peername"))
-        if (
-            len(self._by_handler) >= self.max_connections
-            or self._per_source.get(source, 0) >= self.max_connections_per_source
+        peername = transport.get_extra_info("peername")
+        source = source_of(peername)
+        if len(self._by_handler) >= self.max_connections or (
+            self._per_source.get(source, 0) >= self.max_connections_per_source
+            and not self._is_proxy(peername)
         ):
             self._refused += 1
             return None
@@ -130,6 +138,9 @@ class ConnectionGuard:
         self._by_handler[handler] = _Connection(source, handler.force_close, now + self.header_timeout_s)
         self._per_source[source] = self._per_source.get(source, 0) + 1
         return handler
+
+    def _is_proxy(self, peername: Any) -> bool:
+        return isinstance(peername, tuple) and bool(peername) and peername[0] in self.trusted_proxies
 
     def data_received(self, handler: RequestHandler) -> None:
         conn = self._by_handler.get(handler)

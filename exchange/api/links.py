@@ -3,8 +3,10 @@
 Grants and link management are signed requests like any other. Redemption is not signed: the
 token in the path is the capability (`auth="none"`), and a proof of the recipient's key (the
 link's challenge, decrypted) opens its download session. Each redemption request is
-rate-limited per client source (before the token is even parsed) and per link, its token parsed
-strictly before anything is looked up, and every refusal answered here — a uniform
+rate-limited per client source (a malformed token costs its source a token too) and per link,
+by token buckets every replica shares (`api.ratelimit`: one statement for both, apart from the
+redemption's own transaction, since a refused redemption must still cost its tokens), its token
+parsed strictly before anything is looked up, and every refusal answered here — a uniform
 `link-unavailable` for any state of a token — is accounted for in the log (`api/refusals.py`)
 with the precise reason, the source IP and the user agent, naming the link's id when the token
 matched one; never the token. The link's page prints commands that no uploader's name reaches.
@@ -33,15 +35,15 @@ from . import refusals
 from .keys import AUDIT, CLOCK, DB, SETTINGS, STORAGE
 from .metrics import METRICS
 from .problems import from_exchange_error, problem_response
-from .ratelimit import TokenBuckets, source_key
+from .ratelimit import SharedBuckets, source_key, take_each
 from .routing import BODY, CTX, PRINCIPAL, ROUTE, Route, path_param, query_param
 from .schemas import INT, STR, Schema, name_schema, obj
 from .validation import b64decode_field, b64encode
 
 __all__ = ["ROUTES", "fetch_commands", "schemas", "setup_limits", "setup_proof_keys"]
 
-IP_BUCKETS = web.AppKey("redeem_ip_buckets", TokenBuckets)
-LINK_BUCKETS = web.AppKey("redeem_link_buckets", TokenBuckets)
+IP_BUCKETS = web.AppKey("redeem_ip_buckets", SharedBuckets)
+LINK_BUCKETS = web.AppKey("redeem_link_buckets", SharedBuckets)
 PROOF_KEYS = web.AppKey("link_proof_keys", svc.ProofKeys)
 
 _HTML_HEADERS = {
@@ -57,12 +59,18 @@ _NO_STORE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
 
 
 def setup_limits(app: web.Application) -> None:
-    """The redemption token buckets, per replica (api/lifetime.py)."""
+    """The redemption token buckets, in the shared database (api/lifetime.py, once DB is open)."""
     settings = app[SETTINGS]
-    app[IP_BUCKETS] = TokenBuckets(
-        per_min=settings.redeem_ip_requests_per_min, burst=settings.redeem_ip_burst_requests, clock=app[CLOCK]
+    app[IP_BUCKETS] = SharedBuckets(
+        app[DB],
+        kind="redeem-ip",
+        per_min=settings.redeem_ip_requests_per_min,
+        burst=settings.redeem_ip_burst_requests,
+        clock=app[CLOCK],
     )
-    app[LINK_BUCKETS] = TokenBuckets(
+    app[LINK_BUCKETS] = SharedBuckets(
+        app[DB],
+        kind="redeem-link",
         per_min=settings.redeem_link_requests_per_min,
         burst=settings.redeem_link_burst_requests,
         clock=app[CLOCK],
@@ -182,9 +190,14 @@ def _redemption(fn: Redeemer) -> Callable[[web.Request], Awaitable[web.StreamRes
         app = request.app
         redemptions = app[METRICS].redemptions
         try:
-            app[IP_BUCKETS].take(source_key(request.remote), "from this address")  # IPv6: its /64
-            token_hash = tokens.parse_token(request.match_info["token"])  # nothing looked up before this
-            app[LINK_BUCKETS].take(token_hash, "for this link")
+            from_here = (app[IP_BUCKETS], source_key(request.remote), "from this address")  # IPv6: its /64
+            try:
+                token_hash = tokens.parse_token(request.match_info["token"])  # nothing looked up before this
+            except ExchangeError:
+                await take_each([from_here])  # a malformed token costs its source a token all the same
+                raise
+            # One statement for both buckets, the source's first (its refusal is the one named).
+            await take_each([from_here, (app[LINK_BUCKETS], token_hash, "for this link")])
             response = await fn(request, token_hash)
         except ExchangeError as exc:
             redemptions.labels(kind, "refused").inc()

@@ -2,8 +2,9 @@
 
 `setup(app)` (from `create_app`) makes a `Metrics` under `METRICS`: requests by route template,
 method and status, request durations, link redemptions by kind and outcome, audit appends,
-refusal summaries, the age of the latest published checkpoint, witness latency, and database
-and storage latency. The pipeline, `links._redemption`, `refusals.flush`, the publisher's
+refusal summaries, the age of the latest published checkpoint (every replica follows it),
+whether this replica holds the checkpoint signer lease and its term's fence, witness latency,
+and database and storage latency. The pipeline, `links._redemption`, `refusals.flush`, the publisher's
 witness calls, `Storage._run` and the database wrapper (`TimedDatabase`) feed it.
 `start_metrics_site(app, host=…, port=…)` serves `/metrics` (Prometheus text format) on a
 listener of its own, started by `exchange serve` when `metrics_port` is set.
@@ -103,11 +104,29 @@ class Metrics:
             registry=r,
         )
         age.set_function(self._checkpoint_age_s)
+        #: The fence (term) of the checkpoint signer lease this replica holds now, or None.
+        self.signer_fence: Callable[[], int | None] = lambda: None
+        signer = Gauge(
+            "exchange_audit_signer",
+            "1 while this replica holds the checkpoint signer lease (signs and appends heartbeats), else 0",
+            registry=r,
+        )
+        signer.set_function(lambda: 0.0 if self.signer_fence() is None else 1.0)
+        fence = Gauge(
+            "exchange_audit_signer_fence",
+            "The fence (term number) of the signer lease this replica holds (NaN while it holds none)",
+            registry=r,
+        )
+        fence.set_function(self._signer_fence)
 
     def _checkpoint_age_s(self) -> float:
         if self.checkpoint_at_ms is None:
             return math.nan
         return max(0.0, (self._clock() - self.checkpoint_at_ms) / 1000)
+
+    def _signer_fence(self) -> float:
+        fence = self.signer_fence()
+        return math.nan if fence is None else float(fence)
 
     def observe_request(self, route: str | None, method: str, status: int, seconds: float) -> None:
         label = route if route is not None else "unmatched"

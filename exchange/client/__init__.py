@@ -68,6 +68,18 @@ def _error_from_problem(status: int, body: Any) -> ExchangeError:
     return cls(f"the service answered HTTP {status}", status=status)
 
 
+#: Methods whose request may be sent again (freshly signed) when its answer was lost.
+_IDEMPOTENT = frozenset({"GET", "HEAD"})
+
+
+def _problem_code(body: bytes) -> str | None:
+    try:
+        data = json.loads(body) if body else None
+    except ValueError:
+        return None
+    return str(data.get("code")) if isinstance(data, dict) and data.get("code") else None
+
+
 class Client:
     """`async with Client(server, identity) as c: await c.whoami()`."""
 
@@ -118,22 +130,39 @@ class Client:
         if params:
             url = url.with_query({k: v for k, v in params.items() if v is not None})
         body = b"" if json_body is None else json.dumps(json_body).encode()
-        headers = {"Content-Type": "application/json"} if json_body is not None else {}
         identity = signer or self.identity
-        if signed:
-            if identity is None:
-                raise ValidationError("this request must be signed: give an identity (--identity)")
-            headers = sign_headers(identity, method=method, url=str(url), body=body, headers=headers)
-        try:
-            async with self._session.request(
-                method, url, data=body, headers=headers, allow_redirects=False
-            ) as resp:
-                body_bytes = await resp.read()
-                status = resp.status
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise ServiceUnreachable(
-                f"cannot reach the service at {self.server}: {exc.__class__.__name__}"
-            ) from exc
+        if signed and identity is None:
+            raise ValidationError("this request must be signed: give an identity (--identity)")
+        # A read is sent again once, signed anew, when its answer was lost: a replica behind a
+        # proxy died, or aiohttp re-sent it on a new connection after a kept-alive one closed,
+        # with the same signature, which the service rightly refuses as a replayed nonce. Our
+        # nonce is fresh and random, so that refusal means the first copy was only ever ours.
+        attempts = 2 if method in _IDEMPOTENT else 1
+        for attempt in range(attempts):
+            headers = {"Content-Type": "application/json"} if json_body is not None else {}
+            if signed:
+                assert identity is not None
+                headers = sign_headers(identity, method=method, url=str(url), body=body, headers=headers)
+            last = attempt == attempts - 1
+            try:
+                async with self._session.request(
+                    method, url, data=body, headers=headers, allow_redirects=False
+                ) as resp:
+                    body_bytes = await resp.read()
+                    status = resp.status
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                if not last:
+                    continue
+                raise ServiceUnreachable(
+                    f"cannot reach the service at {self.server}: {exc.__class__.__name__}"
+                ) from exc
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                raise ServiceUnreachable(
+                    f"cannot reach the service at {self.server}: {exc.__class__.__name__}"
+                ) from exc
+            if status == 401 and signed and not last and _problem_code(body_bytes) == "replayed-nonce":
+                continue
+            break
         if raw and status < 400:
             return body_bytes
         try:

@@ -170,7 +170,12 @@ class AuditClient:
                     ) from exc
                 try:
                     event = auditverify.check_query_row(
-                        str(item.get("leaf")).encode("utf-8"), idx, proof, checkpoint, filters
+                        str(item.get("leaf")).encode("utf-8"),
+                        idx,
+                        proof,
+                        checkpoint,
+                        filters,
+                        [auditverify.vkey_name(v) for v in state.rotated_from],
                     )
                 except auditverify.VerifyFailure as exc:
                     raise _unverified(exc, idx) from exc
@@ -183,7 +188,9 @@ class AuditClient:
         Files: `entries.jsonl` (the exact leaves, idx 0 to size - 1), `events.csv` (for reading),
         `checkpoint` (the signed note with cosignatures), `consistency.json` (proof from
         `since_size`, the auditor's last verified size), `log.vkey` (the service's own claim of
-        its key, for reference only), and `manifest.json` (SHA-256 of each file).
+        its key, for reference only), and `manifest.json` (SHA-256 of each file). If the log
+        rotated its key, `rotations.json` too: for each `audit.log.rotated` event at index r, the
+        checkpoint of size r + 1 that the old key signed (its last word).
         """
         cp = await self.checkpoint()
         size = int(cp["size"])
@@ -192,9 +199,20 @@ class AuditClient:
         proof = await self.consistency_proof(since_size, size) if since_size else []
         out.mkdir(parents=True, exist_ok=True)
         leaves = out / "entries.jsonl"
+        rotated_at: list[int] = []
         with leaves.open("wb") as fh:
             async for leaf in self.entries(0, size):
                 fh.write(leaf + b"\n")
+                if auditverify.ROTATION_ACTION.encode() in leaf:  # cheap test first
+                    event = _readable(leaf)
+                    if event.get("action") == auditverify.ROTATION_ACTION and type(event.get("idx")) is int:
+                        rotated_at.append(event["idx"] + 1)
+        files = list(BUNDLE_FILES)
+        if rotated_at:
+            notes = [await self.checkpoint(at) for at in rotated_at]
+            text = json.dumps([{"size": n["size"], "note": n["note"]} for n in notes], indent=1)
+            (out / auditverify.ROTATIONS_FILE).write_text(text + "\n", encoding="utf-8")
+            files.append(auditverify.ROTATIONS_FILE)
         with (out / "events.csv").open("w", encoding="utf-8", newline="") as fh:
             events_csv(fh, (_readable(line) for line in leaves.read_bytes().splitlines()))
         (out / "checkpoint").write_bytes(cp["note"].encode("utf-8"))
@@ -203,7 +221,7 @@ class AuditClient:
         (out / "log.vkey").write_text((await self.vkey())["vkey"] + "\n", encoding="utf-8")
         manifest = {
             "size": size,
-            "files": {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in BUNDLE_FILES},
+            "files": {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in files},
         }
         (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         return {"out": str(out), "size": size, "since_size": since_size}

@@ -9,7 +9,7 @@ log, taken from `audit_head` inside the transaction, so indices have no gaps.
 The event schema (version 1):
 
     type      "exchange.audit.event/v1"
-    origin    the log's origin name
+    origin    the log's origin name (`audit_head.origin`: it changes once per key rotation)
     idx       position in the log (0-based), equal to the leaf index in the Merkle tree
     id        UUIDv7 (RFC 9562): the time in ms, then 74 random bits; unique, and ordered in time
               so that its index grows at the end instead of at random pages
@@ -290,11 +290,17 @@ class AuditLog:
         if not entries:
             return []
         self._refuse_if_damaged()
-        events = [self._event(ctx, entry) for entry in entries]
-        size = await conn.fetchval(
-            "UPDATE audit_head SET size = size + $1 WHERE id = 1 RETURNING size", len(events)
+        events = [self._event(ctx, entry) for entry in entries]  # bad values refused before the head moves
+        head = await conn.fetchone(
+            "UPDATE audit_head SET size = size + $1 WHERE id = 1 RETURNING size, origin", len(events)
         )
-        first = int(size) - len(events)
+        assert head is not None, "audit_head has its one row from the first migration"
+        # The head's origin, not this process's: after a key rotation every replica appends
+        # under the new origin at once, whichever key it was started with (services.logrotation).
+        if head["origin"]:
+            for event in events:
+                event["origin"] = head["origin"]
+        first = int(head["size"]) - len(events)
         try:
             await _check_tail(conn, first)
         except AuditLogDamaged as exc:

@@ -5,22 +5,31 @@ for auditors and publishes signed checkpoints:
 
 - the log signing key: an Ed25519 note key named after the log origin, kept as a signer key
   string in a file of mode 0600 (created on first start; every replica must share it);
-- `Publisher`: when the tree grew, sign a C2SP tlog-checkpoint for its size, collect witness
-  cosignatures (c2sp.org/tlog-witness) and store the note only if the quorum signed; while no
-  event arrives for `audit_heartbeat_s`, append an `audit.heartbeat` event, so that a quiet
-  stretch is provably quiet (consecutive events are never further apart than the interval plus
-  one publisher tick);
+- `Publisher`: on the one replica holding the signer lease (`services.leases`), when the tree
+  grew, sign a C2SP tlog-checkpoint for its size, collect witness cosignatures
+  (c2sp.org/tlog-witness) and store the note only if the quorum signed; while no event arrives
+  for `audit_heartbeat_s`, append an `audit.heartbeat` event, so that a quiet stretch is
+  provably quiet (consecutive events are never further apart than the interval plus one
+  publisher tick, plus the takeover, at most 4/3 of the lease's TTL, when the signer dies).
+  Every store and heartbeat re-checks the lease's holder and fence in its own transaction, so
+  one term at a time writes, and a replica that lost the lease writes nothing and, once it
+  knows, asks no witness;
 - proofs and roots, each folded from O(log n) stored nodes fetched in one query;
 - entries by range (the exact leaf bytes) and filtered queries pinned to a checkpoint size.
 
 The publisher signs only what its `TreeCheck` (`services.auditcheck`) folded from re-hashed
-leaves: at start it checks the whole log, before each checkpoint the events since, and on any
-mismatch the log fails closed (no checkpoint, no append). Every row a query serves is checked
-against its leaf first; an export serves the exact leaves even from a damaged log (they are
-the evidence, and `auditverify` their judge) but records the damage all the same.
+leaves: at start it checks the whole log, before each checkpoint the events since (a replica
+that takes the lease over checks every event since its own last check), and a stored checkpoint
+it did not store itself (another term's) must be consistent with the root it folded, by a proof
+from the stored nodes; on any mismatch the log fails closed (no checkpoint, no append). Every
+row a query serves is checked against its leaf first; an export serves the exact leaves even
+from a damaged log (they are the evidence, and `auditverify` their judge) but records the
+damage all the same.
 
 What it does not do: decide who may read (the API checks roles) or verify anything for the
-auditor (that is `exchange.auditverify`, which trusts none of this).
+auditor (that is `exchange.auditverify`, which trusts none of this). Replicas that do not sign
+do not re-check new events: the signer does before each checkpoint, every append checks the
+tail, and every replica checks the whole log when it starts.
 """
 
 from __future__ import annotations
@@ -38,15 +47,17 @@ from typing import Any
 import aiohttp
 
 from ..db import Connection, Database
-from ..errors import AuditLogDamaged, DependencyError, NoteError, ValidationError
+from ..errors import AuditLogDamaged, DependencyError, NoteError, ProofError, ValidationError
 from ..files import write_atomic
 from ..format import merkle
 from ..format.checkpoint import Checkpoint
-from ..format.note import Signature, Signer, sign_note
+from ..format.note import Signature, Signer, open_note, sign_note
 from ..settings import Settings
 from ..witness import request_cosignature, witness_session
+from . import logrotation
 from .audit import SYSTEM, AuditLog, Context, read_nodes
 from .auditcheck import ROW_COLUMNS, TreeCheck, check_row
+from .leases import SIGNER_LEASE, Lease
 
 __all__ = [
     "LOG_KEY_FILE",
@@ -172,11 +183,19 @@ class WitnessConfig:
         return cls(urls, vkeys, settings.witness_quorum)
 
 
-class Publisher:
-    """Signs and publishes checkpoints and appends heartbeats; one per service process.
+class _Fenced(Exception):
+    """A write under the signer lease found it in another term: rolled back, step down."""
 
-    Replicas may publish the same size at once: the note is deterministic for a size (Ed25519)
-    up to the witnesses' timestamps, and the first stored note wins.
+
+class Publisher:
+    """Signs and publishes checkpoints and appends heartbeats, while this replica holds the
+    signer lease (`services.leases`, `SIGNER_LEASE`); one per service process.
+
+    Every replica runs one, and one at a time signs: the others only follow the latest
+    checkpoint (for the metrics) and the log's size (for heartbeats, should they take over).
+    A checkpoint is stored, and a heartbeat appended, in a transaction that first checks the
+    lease's holder and fence (`Lease.check`), so a replica that lost the lease while it signed
+    (paused, cut off) stores nothing; it also asks no witness once it knows it lost it.
     """
 
     def __init__(
@@ -186,6 +205,8 @@ class Publisher:
         signer: Signer,
         settings: Settings,
         clock: Callable[[], int],
+        *,
+        lease: Lease | None = None,
     ) -> None:
         self.db = db
         self.audit = audit
@@ -193,12 +214,19 @@ class Publisher:
         self.settings = settings
         self.clock = clock
         self.witnesses = WitnessConfig.from_settings(settings)
+        #: The signer lease; by default this process's, judged by the database's clock.
+        self.lease = (
+            lease if lease is not None else Lease(db, SIGNER_LEASE, ttl_s=settings.audit_signer_lease_s)
+        )
         self._lock = asyncio.Lock()
         # The size each witness last cosigned, as far as we know; a 409 corrects it.
         self._witness_size: dict[str, int] = {}
         self._seen_size = -1
         self._seen_at = time.monotonic()
         self.check = TreeCheck(audit)
+        # The latest stored checkpoint this process checked against its own leaves (or stored).
+        self._verified: tuple[int, bytes] | None = None
+        self._rotated_away = False
         #: Told each witness call's URL (a configured one) and duration in seconds: metrics.
         self.on_witness_call: Callable[[str, float], None] | None = None
         #: Told when the latest checkpoint stored (by any replica) was stored, in ms: metrics.
@@ -218,29 +246,59 @@ class Publisher:
         """Check the whole stored log before anything is served; AuditLogDamaged (and the log
         failed closed) if it does not hold together."""
         async with self._lock:
-            await self.check.start(self.db, await latest_checkpoint(self.db), self.signer.verifier())
+            latest = await latest_checkpoint(self.db)
+            verifier = self.signer.verifier()
+            if latest is not None:  # after a key rotation, the latest may be the old key's last word
+                async with self.db.read() as conn:
+                    verifier = await logrotation.verifier_at(conn, latest[0], verifier)
+            await self.check.start(self.db, latest, verifier)
+            self._verified = latest
+
+    async def _hold(self) -> int | None:
+        """The fence of this process's signer term, taking the lease if it is free; None while
+        another replica holds it."""
+        if not self.lease.held:
+            await self.lease.acquire()
+        return self.lease.fence
 
     async def publish(self) -> bytes | None:
-        """Sign a checkpoint of the current tree if it grew; return the stored note, if any.
+        """Sign a checkpoint of the current tree if it grew and this replica holds the signer
+        lease; return the stored note, if any.
 
         Nothing is signed once the log was found damaged, nor when the events since the last
-        check do not hold together (which marks it damaged).
+        check do not hold together, nor when the latest stored checkpoint (another term's, after
+        a takeover) is not consistent with the leaves this process checked (each marks it
+        damaged). The lease is checked again just before the note goes to the witnesses, and by
+        the transaction that stores it, which stores it only above the latest stored size.
         """
         async with self._lock:
             if self.audit.damage is not None:
+                return None
+            fence = await self._hold()
+            if fence is None:
+                await self.note_latest()
                 return None
             latest = await latest_checkpoint(self.db)
             try:
                 # Even with nothing new to sign: re-reading the last event checked is one row.
                 size = await self.check.head(self.db)
+                if not await self._origin_is_ours():
+                    return None  # the log rotated away from this key (read after the size: see there)
                 root = await self.check.advance(self.db, size)
+                if latest is not None and latest != self._verified:
+                    await self._check_latest(latest, size, root)
             except AuditLogDamaged:
                 return None  # failed closed and said so
             if latest is not None and size <= latest[0]:
                 await self.note_latest()
                 return None
-            text = Checkpoint(self.audit.origin, size, root).to_text()
+            text = Checkpoint(self.signer.name, size, root).to_text()
             note = sign_note(text, [self.signer])
+            # The note leaves this process only in the term it was checked and signed in.
+            renewed = await self.lease.acquire()
+            if renewed is None or renewed.fence != fence:
+                log.warning("checkpoint %d not published: the signer lease passed to another term", size)
+                return None
             cosignatures = await self._cosign(note, size, latest[0] if latest else 0)
             if len(cosignatures) < self.witnesses.quorum:
                 log.warning(
@@ -251,6 +309,64 @@ class Publisher:
                 )
                 return None
             note += "".join(cosignatures).encode("utf-8")
+            try:
+                stored = await self._store(size, note, fence)
+            except _Fenced:
+                log.warning("checkpoint %d not stored: the signer lease passed to another term", size)
+                self.lease.step_down()
+                return None
+            if stored:
+                self._verified = (size, note)
+            await self.note_latest()
+            return note if stored else None
+
+    async def _origin_is_ours(self) -> bool:
+        """Whether the log's head still names this key's origin; if not, step down for good.
+
+        Read after the size to be signed: if the origin is still ours now, every leaf below
+        that size was appended under it, since a rotation moves the origin in the transaction
+        that appends its event. After a rotation this key signs nothing more (its last word was
+        the rotation command's), so this replica gives the lease up to one with the new key.
+        """
+        origin = await self.db.fetchval("SELECT origin FROM audit_head WHERE id = 1")
+        if origin is None or origin == self.signer.name:
+            return True
+        if not self._rotated_away:
+            self._rotated_away = True
+            log.warning(
+                "the audit log was rotated to %r: this replica's key signs nothing more; restart it "
+                "with EXCHANGE_LOG_ORIGIN and the new key file",
+                origin,
+            )
+            await self.lease.release()
+        return False
+
+    async def sign_last_word(self, size: int) -> bytes:
+        """Sign the checkpoint of `size`, whose last leaf is the rotation away from this key.
+
+        For `exchange admin log-key rotate` (services.logrotation): the leaves up to `size` are
+        checked from the first, the note is cosigned by the witnesses like any checkpoint (a
+        DependencyError if fewer than the quorum sign: run the command again) and stored unless
+        a checkpoint of that size is stored already, which is returned instead. It needs no
+        lease: no replica signs this size (the old key's publishers stop at the rotation, the
+        new key's sign only sizes after it).
+        """
+        existing = await checkpoint_at(self.db, size)
+        if existing is not None:
+            return existing
+        async with self._lock:
+            root = await self.check.advance(self.db, size)
+            note = sign_note(Checkpoint(self.signer.name, size, root).to_text(), [self.signer])
+            latest = await latest_checkpoint(self.db)
+            published = latest[0] if latest is not None and latest[0] < size else 0
+            cosignatures = await self._cosign(note, size, published)
+            if len(cosignatures) < self.witnesses.quorum:
+                raise DependencyError(
+                    f"the rotation's checkpoint got {len(cosignatures)} of {self.witnesses.quorum} witness "
+                    "cosignatures; nothing was stored: run the command again when the witnesses answer",
+                    code="witness-quorum",
+                )
+            note += "".join(cosignatures).encode("utf-8")
             async with self.db.transaction() as conn:
                 await conn.execute(
                     "INSERT INTO audit_checkpoints (size, note, created_at_ms) VALUES ($1, $2, $3)"
@@ -259,8 +375,51 @@ class Publisher:
                     note,
                     self.clock(),
                 )
-            await self.note_latest()
-            return note
+        stored = await checkpoint_at(self.db, size)
+        assert stored is not None
+        return stored
+
+    async def _check_latest(self, latest: tuple[int, bytes], size: int, root: bytes) -> None:
+        """Check a checkpoint this process did not store (another term's) against the tree it
+        folded itself: signed with the log's key, and its root consistent with `root` at `size`,
+        by a proof from the stored nodes checked against both roots. So a new signer's first
+        checkpoint extends the last one stored, whoever signed it."""
+        old_size, note = latest
+        try:
+            async with self.db.read() as conn:  # the old key's, if it is the rotation's last word
+                verifier = await logrotation.verifier_at(conn, old_size, self.signer.verifier())
+            old = Checkpoint.parse(open_note(note, [verifier]).text)
+            if old.origin != verifier.name or old.size != old_size or old_size > size:
+                raise ProofError(f"it is for another log or size, or past the head {size}")
+            async with self.db.read() as conn:
+                proof = await consistency_proof(conn, old_size, size)
+            merkle.verify_consistency(old_size, size, old.root_hash, root, proof)
+        except (NoteError, ProofError, AuditLogDamaged, ValidationError) as exc:
+            damage = AuditLogDamaged(
+                f"the latest checkpoint (size {old_size}) does not extend to the leaves checked: {exc}"
+            )
+            self.audit.fail_closed(damage)
+            raise damage from exc
+        self._verified = latest
+
+    async def _store(self, size: int, note: bytes, fence: int) -> bool:
+        """Store the note if this process still holds the lease in the term `fence` (else
+        _Fenced, and the transaction rolls back) and `size` is above every stored checkpoint."""
+        async with self.db.transaction() as conn:
+            if not await self.lease.check(conn, fence):
+                raise _Fenced
+            # The lease row is locked now: every store runs after the one before it committed.
+            top = await conn.fetchval("SELECT MAX(size) FROM audit_checkpoints")
+            if top is not None and size <= int(top):
+                return False
+            await conn.execute(
+                "INSERT INTO audit_checkpoints (size, note, created_at_ms, fence) VALUES ($1, $2, $3, $4)",
+                size,
+                note,
+                self.clock(),
+                fence,
+            )
+        return True
 
     async def _cosign(self, note: bytes, size: int, published: int) -> list[str]:
         if not self.witnesses.urls:
@@ -288,6 +447,8 @@ class Publisher:
                 return None  # the witness has seen a larger tree (another replica published it)
             async with self.db.read() as conn:
                 proof = [] if old == 0 else await consistency_proof(conn, old, size)
+            if not self.lease.held:
+                return None  # the term ran out meanwhile (by this process's clock): ask no more
             started = time.perf_counter()
             try:
                 result = await request_cosignature(session, url, note, old, proof, self.witnesses.vkeys)
@@ -303,47 +464,82 @@ class Publisher:
             old = self._witness_size[url] = result.known_size
         return None
 
+    async def _observe_size(self) -> int | None:
+        """The log's size; remembers when it last changed. None if it just did."""
+        async with self.db.read() as conn:
+            size = await tree_size(conn)
+        if size != self._seen_size:
+            self._seen_size, self._seen_at = size, time.monotonic()
+            return None
+        return size
+
     async def heartbeat_if_idle(self) -> int | None:
-        """Append an `audit.heartbeat` event if no event arrived for `audit_heartbeat_s`.
+        """Append an `audit.heartbeat` event if no event arrived for `audit_heartbeat_s` and this
+        replica holds the signer lease (checked again in the append's transaction).
 
         Idleness is measured on this process's monotonic clock from the last time it saw the
-        log grow (any replica's events count), so wall-clock jumps cannot fake or skip one.
+        log grow (any replica's events count, and every replica watches, so a replica taking
+        over knows how long the log was quiet), so wall-clock jumps cannot fake or skip one.
         """
         if self.audit.damage is not None:
             return None
-        async with self.db.read() as conn:
-            size = await tree_size(conn)
-        now = time.monotonic()
-        if size != self._seen_size:
-            self._seen_size, self._seen_at = size, now
+        if await self._observe_size() is None:
             return None
+        now = time.monotonic()
         if now - self._seen_at < self.settings.audit_heartbeat_s:
             return None
-        async with self.db.transaction() as conn:
-            idx = await self.audit.append(
-                conn,
-                Context(actor=SYSTEM),
-                action="audit.heartbeat",
-                details={"interval_s": int(self.settings.audit_heartbeat_s)},
-            )
+        fence = await self._hold()
+        if fence is None:
+            return None
+        try:
+            async with self.db.transaction() as conn:
+                if not await self.lease.check(conn, fence):
+                    raise _Fenced
+                idx = await self.audit.append(
+                    conn,
+                    Context(actor=SYSTEM),
+                    action="audit.heartbeat",
+                    details={"interval_s": int(self.settings.audit_heartbeat_s)},
+                )
+        except _Fenced:
+            log.warning("heartbeat not appended: the signer lease passed to another term")
+            self.lease.step_down()
+            return None
         self._seen_size, self._seen_at = idx + 1, now
         return idx
 
+    async def release(self) -> None:
+        """Give the signer lease up (a graceful stop): another replica takes over at once."""
+        async with self._lock:  # not while a checkpoint is on its way to the store
+            await self.lease.release()
+
     async def run_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.audit_checkpoint_interval_s)
-            if self.audit.damage is not None:
-                continue  # failed closed: said once, nothing more to do until a restart
-            try:
-                if self.settings.audit_heartbeat_s:
-                    await self.heartbeat_if_idle()
-                await self.publish()
-            except AuditLogDamaged:
-                pass  # the log failed closed and said so
-            except DependencyError:
-                log.warning("checkpoint publication skipped: database unavailable")
-            except NoteError:
-                log.exception("checkpoint publication failed")
+        """Keep (or wait for) the signer lease, and each tick: as the signer, a heartbeat if the
+        log is idle and a checkpoint if it grew; otherwise follow the latest checkpoint."""
+        async with asyncio.TaskGroup() as tasks:
+            # Not under the publisher's lock: a slow witness must not let the lease lapse.
+            tasks.create_task(self.lease.keep_forever())
+            while True:
+                await asyncio.sleep(self.settings.audit_checkpoint_interval_s)
+                if self.audit.damage is not None:
+                    continue  # failed closed: said once, nothing more to do until a restart
+                try:
+                    await self._tick()
+                except AuditLogDamaged:
+                    pass  # the log failed closed and said so
+                except DependencyError:
+                    log.warning("checkpoint publication skipped: database unavailable")
+                except NoteError:
+                    log.exception("checkpoint publication failed")
+
+    async def _tick(self) -> None:
+        if await self._hold() is None:
+            await self._observe_size()
+            await self.note_latest()
+            return
+        if self.settings.audit_heartbeat_s:
+            await self.heartbeat_if_idle()
+        await self.publish()
 
 
 # -- entries and queries -----------------------------------------------------------------------------

@@ -33,7 +33,12 @@ async def test_readyz_ok(stack: Stack) -> None:
 async def test_readyz_fails_while_storage_is_down_and_recovers(
     tmp_path: Path, database_url: str, clock: FakeClock
 ) -> None:
-    store = SeaweedFS(tmp_path / "own-store", credentials=S3Credentials.generate())
+    store = SeaweedFS(
+        tmp_path / "own-store",
+        credentials=S3Credentials.generate(),
+        service_credentials=S3Credentials.generate(),
+        bucket=BUCKET,
+    )
     store.start()
     try:
         store.ensure_bucket(BUCKET)

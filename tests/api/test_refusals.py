@@ -43,10 +43,11 @@ def signed(identity: Identity, stack: Stack, path: str) -> dict[str, str]:
 
 
 async def flush_after_window(stack: Stack, clock: FakeClock) -> None:
-    """Move past the current window and append its summaries (the background task may beat us)."""
+    """Move past the current window and the grace the other replicas' counts get, and append its
+    summaries (the background task may beat us)."""
     from exchange.api import refusals
 
-    clock.advance(stack.settings.refusal_log_window_s)
+    clock.advance(stack.settings.refusal_log_window_s + refusals.SUMMARY_GRACE_S)
     await refusals.flush(stack.app)
 
 
@@ -291,23 +292,44 @@ def test_the_ledger_bounds_its_keys_and_loses_no_count() -> None:
     from exchange.api.refusals import OTHER, RefusalLedger
 
     clock = FakeClock(start_ms=1_200_000_030_000)  # windows align to the clock
+    window = 1_200_000_000_000
     ledger = RefusalLedger(window_s=60, allowance=2, max_keys=3, clock=clock)
-    alone = [ledger.admit(key(f"192.0.2.{n % 5}"), alone=True) for n in range(50)]
-    # Three keys fit: two events each stand alone; the two keys beyond are folded into `other`.
-    assert alone.count(True) == 6
-    assert ledger.admit(key("192.0.2.0", "rate-limited", 429), alone=False) is False
-    assert ledger.due() == []  # the window has not ended
-    clock.advance(60)
-    done = ledger.due()
-    assert {s.key.source: s.suppressed for s in done} == {
+    asks = [ledger.admit(key(f"192.0.2.{n % 5}"), alone=True) for n in range(50)]
+    # Three keys fit: two refusals each may stand alone (the shared allowance decides); the two
+    # keys beyond are folded into `other`, never asked about.
+    assert [a for a in asks if a is not None] == [window] * 6
+    assert ledger.admit(key("192.0.2.0", "rate-limited", 429), alone=False) is None
+    counts = ledger.take_counts()
+    assert {k.source: n for (_, k), n in counts.items()} == {
         "192.0.2.0": 8,
         "192.0.2.1": 8,
         "192.0.2.2": 8,
         OTHER.source: 21,  # 192.0.2.3 and .4, ten each, and the 429 that came when full
     }
-    assert sum(s.recorded + s.suppressed for s in done) == 51
-    assert {(s.window_start_ms, s.window_end_ms) for s in done} == {(1_200_000_000_000, 1_200_000_060_000)}
-    assert ledger.due() == [] and ledger.pending == 0
+    assert {w for w, _ in counts} == {window}
+    assert sum(counts.values()) + 6 == 51
+    assert ledger.take_counts() == {} and ledger.pending == 0
+
+
+def test_the_ledger_asks_no_more_once_the_shared_allowance_is_spent() -> None:
+    from exchange.api.refusals import OTHER, RefusalLedger
+
+    clock = FakeClock(start_ms=0)
+    ledger = RefusalLedger(window_s=10, allowance=3, max_keys=10, clock=clock)
+    first = ledger.admit(key("192.0.2.1"), alone=True)
+    assert first == 0
+    # Other replicas used the allowance: the shared row says so, and this replica asks no more.
+    ledger.settle(first, key("192.0.2.1"), "counted")
+    assert ledger.admit(key("192.0.2.1"), alone=True) is None
+    # A window with no place left for a key: new keys fold into `other` without asking.
+    second = ledger.admit(key("192.0.2.2"), alone=True)
+    assert second == 0
+    ledger.settle(second, key("192.0.2.2"), "folded")
+    assert ledger.admit(key("192.0.2.3"), alone=True) is None
+    assert ledger.take_counts() == {(0, key("192.0.2.1")): 2, (0, OTHER): 2}
+    # The next window starts afresh.
+    clock.advance(10)
+    assert ledger.admit(key("192.0.2.1"), alone=True) == 10_000
 
 
 def test_an_event_that_could_not_be_written_is_counted_instead() -> None:
@@ -315,26 +337,26 @@ def test_an_event_that_could_not_be_written_is_counted_instead() -> None:
 
     clock = FakeClock(start_ms=0)
     ledger = RefusalLedger(window_s=10, allowance=1, max_keys=10, clock=clock)
-    assert ledger.admit(key("192.0.2.1"), alone=True) is True
-    ledger.rescind(key("192.0.2.1"))  # the database was down
-    [summary] = ledger.due(final=True)
-    assert (summary.recorded, summary.suppressed) == (0, 1)
+    window = ledger.admit(key("192.0.2.1"), alone=True)
+    assert window == 0
+    ledger.rescind(window, key("192.0.2.1"))  # the database was down
+    assert ledger.take_counts() == {(0, key("192.0.2.1")): 1}
+    assert ledger.admit(key("192.0.2.1"), alone=True) == 0  # its place in the allowance is back
 
 
-def test_summaries_waiting_for_the_database_stay_bounded() -> None:
+def test_counts_waiting_for_the_database_stay_bounded() -> None:
     from exchange.api.refusals import OTHER, RefusalLedger
 
     clock = FakeClock(start_ms=0)
     ledger = RefusalLedger(window_s=10, allowance=0, max_keys=4, clock=clock)
     for _ in range(5):
         for n in range(4):
-            ledger.admit(key(f"192.0.2.{n}"), alone=True)
+            assert ledger.admit(key(f"192.0.2.{n}"), alone=True) is None
         clock.advance(10)
-        ledger.restore(ledger.due())  # every append failed
-    waiting = ledger.due()
-    assert len(waiting) == 4 and waiting[-1].key == OTHER
-    assert sum(s.suppressed for s in waiting) == 20
-    assert waiting[-1].window_end_ms == 50_000
+        ledger.restore_counts(ledger.take_counts())  # every flush failed
+    waiting = ledger.take_counts()
+    assert len(waiting) == 4 and (0, OTHER) in waiting
+    assert sum(waiting.values()) == 20
 
 
 async def test_a_spent_source_is_answered_late_and_others_at_once(

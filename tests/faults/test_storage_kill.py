@@ -25,7 +25,12 @@ MIB = 1024 * 1024
 
 @pytest.fixture
 async def own_storage(tmp_path: Path) -> AsyncIterator[SeaweedFS]:
-    weed = SeaweedFS(tmp_path / "weed", credentials=S3Credentials.generate())
+    weed = SeaweedFS(
+        tmp_path / "weed",
+        credentials=S3Credentials.generate(),
+        service_credentials=S3Credentials.generate(),
+        bucket=BUCKET,
+    )
     weed.start()
     weed.ensure_bucket(BUCKET)
     yield weed

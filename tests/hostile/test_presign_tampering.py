@@ -51,8 +51,8 @@ async def stored(seaweed: SeaweedFS) -> AsyncIterator[tuple[Storage, str, bytes]
         endpoint=seaweed.endpoint,
         region="us-east-1",
         bucket=BUCKET,
-        access_key_id=seaweed.credentials.access_key_id,
-        secret_access_key=seaweed.credentials.secret_access_key,
+        access_key_id=seaweed.service_credentials.access_key_id,  # the service's own rights
+        secret_access_key=seaweed.service_credentials.secret_access_key,
     )
     data = os.urandom(4096)
     key = new_object_key("tamper")

@@ -1,4 +1,5 @@
-"""The pure parts: token parsing, Range checks and the token buckets, without any I/O."""
+"""The pure parts: token parsing and Range checks, without any I/O (the token buckets, shared in
+the database, are tested in tests/api/test_shared_limits.py)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,10 @@ import base64
 
 import pytest
 
-from exchange.api.ratelimit import TokenBuckets
-from exchange.errors import RangeNotSatisfiable, RateLimited
+from exchange.errors import RangeNotSatisfiable
 from exchange.services import links, tokens, uploadlinks
 from exchange.services.links import check_range
 from exchange.services.tokens import LinkRefused, hash_token, new_token, parse_token
-from tests.conftest import FakeClock
 
 
 def test_tokens_carry_256_bits_and_parse_canonically() -> None:
@@ -76,29 +75,6 @@ def test_ranges_inside(header: str | None, expected: tuple[int, int] | None) -> 
 def test_ranges_refused(header: str) -> None:
     with pytest.raises(RangeNotSatisfiable):
         check_range(header, 1000)
-
-
-def test_token_buckets_refill_with_the_clock() -> None:
-    clock = FakeClock(0)
-    buckets = TokenBuckets(per_min=60, burst=3, clock=clock)
-    for _ in range(3):
-        buckets.take("10.0.0.1", "from this address")
-    with pytest.raises(RateLimited) as limited:
-        buckets.take("10.0.0.1", "from this address")
-    assert limited.value.status == 429 and limited.value.extra["retry_after_s"] >= 1
-    buckets.take("10.0.0.2", "from this address")  # another key has its own bucket
-    clock.advance(1)
-    buckets.take("10.0.0.1", "from this address")  # one token a second
-    with pytest.raises(RateLimited):
-        buckets.take("10.0.0.1", "from this address")
-
-
-def test_token_buckets_stay_bounded() -> None:
-    clock = FakeClock(0)
-    buckets = TokenBuckets(per_min=60, burst=2, clock=clock, max_keys=100)
-    for i in range(1000):
-        buckets.take(f"key-{i}", "x")
-    assert len(buckets) <= 100
 
 
 def test_ip_allow_lists() -> None:
