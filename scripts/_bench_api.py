@@ -137,22 +137,36 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
     return out
 
 
-def postgres_cpu_seconds() -> float:
-    """User + system CPU seconds of every PostgreSQL process on this machine (its backends,
-    writer, WAL writer, checkpointer): what the database spends, beside the service's own."""
-    total = 0.0
+#: PostgreSQL's own processes that work for every database (the rest are backends, one a client).
+_POSTGRES_AUXILIARY = ("checkpointer", "background writer", "walwriter", "wal writer", "autovacuum")
+
+
+def postgres_cpu(database: str) -> dict[int, float]:
+    """CPU seconds of each PostgreSQL process working for `database`: its backends (the service's
+    pool) and the server's auxiliary processes. Compared pid by pid between two readings, so a
+    backend that exits meanwhile (another client's, or the bench's own psql) is neither counted
+    nor subtracted; the machine-wide sum went negative when other clients' backends exited."""
+    out: dict[int, float] = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             stat = (proc / "stat").read_text()
+            title = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
         except OSError:
             continue
         name, rest = stat.split("(", 1)[1].rsplit(")", 1)
-        if name.startswith("postgres"):
+        if not name.startswith("postgres"):
+            continue
+        if f" {database} " in title or any(aux in title for aux in _POSTGRES_AUXILIARY):
             fields = rest.split()
-            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
-    return total
+            out[int(proc.name)] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
+def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds spent between two `postgres_cpu` readings, by the processes alive at the second."""
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
 
 
 class Postgres:
@@ -683,14 +697,15 @@ async def scenario(
     pid = bench.server.pid
     events0 = bench.audit.size()
     stats0, cpu0, threads0 = process_stats(pid), cpu_seconds(pid), thread_cpu_seconds(pid)
-    pg0 = postgres_cpu_seconds() if bench.postgres else 0.0
+    pg0 = postgres_cpu(bench.postgres.name) if bench.postgres else {}
     (result,) = await bench.run([Stream(name, spec, concurrency, presign, rate)], seconds)
     cpu1, stats1, threads1 = cpu_seconds(pid), process_stats(pid), thread_cpu_seconds(pid)
-    pg1 = postgres_cpu_seconds() if bench.postgres else 0.0
+    pg1 = postgres_cpu(bench.postgres.name) if bench.postgres else {}
     print(report(result, cpu1 - cpu0, (stats0, stats1)), flush=True)
     if result.answered:
         loop = threads1.get(pid, 0.0) - threads0.get(pid, 0.0)
-        database = f", PostgreSQL {(pg1 - pg0) / result.answered * 1000:.2f}" if bench.postgres else ""
+        pg = cpu_delta(pg0, pg1)
+        database = f", PostgreSQL {pg / result.answered * 1000:.2f}" if bench.postgres else ""
         print(
             f"{'':<40} CPU ms/request: {loop / result.answered * 1000:.2f} in the event loop,"
             f" {(cpu1 - cpu0 - loop) / result.answered * 1000:.2f} in other threads (database, storage)"

@@ -1,4 +1,5 @@
-"""Three `exchange serve` replicas behind HAProxy, one of them killed with SIGKILL mid-traffic.
+"""Three `exchange serve` replicas behind HAProxy, on PostgreSQL and the SeaweedFS cluster (with
+only the service's least-privilege S3 identity), one of them killed with SIGKILL mid-traffic.
 
 Developers upload, grant and issue links; testers redeem and report findings; an auditor
 queries: concurrently, all through the proxy's one URL with the SDK, while replica 1 is killed.
@@ -44,10 +45,11 @@ from exchange.client.audit import AuditClient
 from exchange.client.signing import sign_headers
 from exchange.db import connect
 from exchange.dev.replicas import ReplicaSet
-from exchange.dev.seaweed import S3Credentials, SeaweedFS
+from exchange.dev.seaweed import S3Credentials
+from exchange.dev.seaweedcluster import SeaweedCluster
 from exchange.errors import AuthError, DependencyError, ExchangeError, NotFound, ServiceUnreachable
 from exchange.identity import Identity
-from tests.conftest import BUCKET, POSTGRES_DSN, PostgresDatabases, make_settings
+from tests.conftest import BUCKET, POSTGRES_DSN, PostgresDatabases
 
 T = TypeVar("T")
 
@@ -225,19 +227,26 @@ async def signed_at(
 
 @pytest.mark.slow
 async def test_three_replicas_behind_haproxy_survive_a_sigkill(
-    tmp_path: Path, seaweed: SeaweedFS, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pg = PostgresDatabases(POSTGRES_DSN)
     database_url = await pg.create()
-    base = make_settings(tmp_path, database_url, seaweed)
+    # The storage is the SeaweedFS cluster (master, two volume servers holding a copy each, filer,
+    # S3 gateway), and the replicas hold only its least-privilege service identity.
+    cluster = SeaweedCluster(
+        tmp_path / "storage",
+        credentials=S3Credentials.generate(),
+        service_credentials=S3Credentials.generate(),
+        bucket=BUCKET,
+    )
     replicas = ReplicaSet(
         tmp_path / "home",
-        storage=seaweed,
-        credentials=S3Credentials(base.s3_access_key_id, base.s3_secret_access_key),
+        storage=cluster,
+        credentials=cluster.service_credentials,
         database_url=database_url,
         replicas=3,
         bucket=BUCKET,
-        manage_storage=False,
+        manage_storage=True,
         settings={
             "EXCHANGE_SHUTDOWN_GRACE_S": "5",
             # Every client comes from 127.0.0.1: the per-source budgets are not what is tested.

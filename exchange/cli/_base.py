@@ -6,7 +6,8 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+import unicodedata
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -83,6 +84,31 @@ class Options:
         if not server:
             raise InputError("no server given: use --server URL or set EXCHANGE_SERVER")
         return server
+
+
+def _width(text: str) -> int:
+    """Columns `text` takes on a terminal: wide (CJK) characters two, combining marks none."""
+    return sum(
+        0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+        for ch in text
+    )
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]], *, right: Collection[int] = ()) -> str:
+    """Rows as columns aligned under a header row, every cell made `printable` first; the
+    columns in `right` (numbers, sizes) are aligned right. Human output only: `--json` is the
+    form for programs. The last column is not padded, so a long name costs no trailing blanks."""
+    cells = [[printable(h) for h in headers]] + [[printable(c) for c in row] for row in rows]
+    widths = [max(_width(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for row in cells:
+        parts = []
+        for i, cell in enumerate(row):
+            pad = " " * (widths[i] - _width(cell))
+            last = i == len(row) - 1
+            parts.append(pad + cell if i in right else cell if last else cell + pad)
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
 
 
 def printable(text: object) -> str:
