@@ -20,6 +20,9 @@ Checks, in order; the first failure decides the verdict and its exit code:
                   checkpoints are kept in STATE/evidence/ as proof of the log's misbehaviour.
     16 proof      the bundle's consistency proof is malformed or does not verify, although the
                   leaves themselves extend the saved checkpoint
+    17 rollback   (following tiles) the log's signed checkpoint is smaller than the saved one
+    18 gap        (following tiles) a tile or entry bundle the checkpoint needs is missing or
+                  short, or an entry's idx is not its position
 
 On success the checkpoint, its root and the pinned keys are saved in the state directory
 atomically (write, fsync, rename). The log key is pinned on first use from what the auditor
@@ -35,6 +38,21 @@ the latest one may still be the old key's (nothing was signed with the new key y
 the state pins the new key and remembers the old ones (`rotated_from`), so `--vkey OLD` still
 names this state. A rotation event that is not the old key's last word, names an invalid key,
 or lacks its signed checkpoint fails with `signature` (11) or `entries` (13).
+
+Following the log through its tiles (c2sp.org/tlog-tiles; `exchange audit verify --tiles`,
+`exchange audit monitor`). `tiles_needed` names exactly the Merkle tiles and entry bundles that
+move a saved state of size n to a checkpoint of size N: the tiles holding the old root's
+subtrees and the consistency proof, and the bundles of leaves n..N-1 (nothing already verified
+is fetched again). `verify_tiles` then opens the checkpoint with the key the new leaves end
+under (following `audit.log.rotated` events as bundles do, with the old key's checkpoint at the
+rotation's size), checks the consistency proof it computes from the tiles against the saved
+root, each new leaf (canonical, of this log, at its idx), and that the old tree's subtrees and
+the new leaves hash to the new root. Beyond the bundle verdicts it has two of its own: a signed
+checkpoint smaller than the saved one is a `rollback` (17), and a missing or short tile or
+bundle, or an entry not at its idx, is a `gap` (18); a fork or rollback keeps both signed
+checkpoints as evidence, like a bundle's fork. Old leaves are not fetched again, so a change to
+them shows only as a fork once the log signs the changed tree (a full bundle export re-reads
+them all).
 
 The same checks, one row at a time, back `exchange audit query`, which prints nothing it has not
 verified: the page's checkpoint is signed by the pinned key with the pinned quorum
@@ -59,7 +77,7 @@ from typing import Any
 
 from .errors import IntegrityFailure, NoteError, ProofError
 from .files import write_atomic
-from .format import merkle
+from .format import merkle, tiles
 from .format.checkpoint import COSIGNATURE_V1, Checkpoint, cosigner_key_id, verify_cosignature
 from .format.note import Verifier, decode_vkey, open_note, parse_note
 
@@ -70,15 +88,21 @@ __all__ = [
     "ROTATIONS_FILE",
     "ROTATION_ACTION",
     "State",
+    "TileKey",
     "VerifyFailure",
     "canonical_json",
     "check_consistent",
     "check_query_row",
+    "claimed_size",
     "consistency_sizes",
     "filter_mismatch",
     "load_pinned",
     "open_checkpoint",
+    "rotation_sizes",
+    "run_tiles",
+    "tiles_needed",
     "verify_bundle",
+    "verify_tiles",
     "vkey_name",
 ]
 
@@ -102,6 +126,8 @@ EXIT_CODES = {
     "root": 14,
     "fork": 15,
     "proof": 16,
+    "rollback": 17,
+    "gap": 18,
 }
 
 
@@ -438,6 +464,16 @@ class _Rotation:
     new_vkey: str
     root: bytes = b""
 
+    def to_json(self) -> dict[str, Any]:
+        """What a report says of it (`Report.rotations`)."""
+        return {
+            "size": self.size,
+            "from_origin": vkey_name(self.old_vkey),
+            "to_origin": vkey_name(self.new_vkey),
+            "from_vkey": self.old_vkey,
+            "to_vkey": self.new_vkey,
+        }
+
 
 def vkey_name(vkey: str) -> str:
     """The origin a log key signs for; VerifyFailure("usage") if it is not a valid vkey."""
@@ -554,16 +590,7 @@ def verify_bundle(bundle: Path, state: State) -> tuple[Report, Checkpoint, bytes
         witnesses=witnesses,
         previous_size=state.size,
         entries=tree.size,
-        rotations=[
-            {
-                "size": r.size,
-                "from_origin": vkey_name(r.old_vkey),
-                "to_origin": vkey_name(r.new_vkey),
-                "from_vkey": r.old_vkey,
-                "to_vkey": r.new_vkey,
-            }
-            for r in rotations
-        ],
+        rotations=[r.to_json() for r in rotations],
     )
     return report, checkpoint, note
 
@@ -766,6 +793,221 @@ def run(
     state.size, state.root, state.checkpoint = checkpoint.size, checkpoint.root_hash, note
     if report.rotations:  # each verified: its old key signed its last checkpoint
         state.rotated_from = [r["from_vkey"] for r in report.rotations]
+        state.log_vkey = report.rotations[-1]["to_vkey"]
+    state.save(state_dir)
+    return report
+
+
+# -- following the log through its tiles (c2sp.org/tlog-tiles) -------------------------------------
+
+TileKey = tuple[int, int, int]
+"""(level, index, width) of a tile; level -1 is the entry bundle of that index."""
+
+
+def claimed_size(note: bytes) -> int:
+    """The size a note claims, before anyone checked who signed it (the key depends on the leaves)."""
+    try:
+        return Checkpoint.parse(parse_note(note).text).size
+    except NoteError as exc:
+        raise VerifyFailure("signature", f"the checkpoint is not a signed checkpoint note: {exc}") from exc
+
+
+def _bundle_keys(start: int, size: int) -> list[TileKey]:
+    if start >= size:
+        return []
+    first, end = start // tiles.TILE_WIDTH, -(-size // tiles.TILE_WIDTH)
+    return [(-1, b, tiles.tile_width(-1, b, size)) for b in range(first, end)]
+
+
+def tiles_needed(saved_size: int | None, size: int) -> list[TileKey]:
+    """Exactly the tiles `verify_tiles` reads to move a state of `saved_size` to a checkpoint of
+    `size`: the Merkle tiles of the old root and the consistency proof, then the entry bundles of
+    the new leaves. Nothing when the size did not change or shrank (the saved root decides)."""
+    old = saved_size or 0
+    if size <= old and saved_size is not None:
+        return []
+    dry = tiles.TileTree(size, lambda level, index, width: bytes(merkle.HASH_SIZE * width))
+    if 0 < old < size:
+        merkle.root_at(old, dry.get_node)
+        merkle.consistency_proof(old, size, dry.get_node)
+    return [*dry.fetched, *_bundle_keys(old, size)]
+
+
+def _new_leaves(fetched: Mapping[TileKey, bytes], start: int, size: int) -> list[bytes]:
+    leaves: list[bytes] = []
+    for key in _bundle_keys(start, size):
+        data = fetched.get(key)
+        if data is None:
+            raise VerifyFailure("gap", f"the entry bundle {tiles.entries_path(key[1], key[2])} is missing")
+        try:
+            entries = tiles.split_bundle(data)
+        except ValueError as exc:
+            raise VerifyFailure("gap", f"the entry bundle {key[1]} is truncated: {exc}") from exc
+        if len(entries) != key[2]:
+            raise VerifyFailure("gap", f"the entry bundle {key[1]} has {len(entries)} entries, not {key[2]}")
+        first = key[1] * tiles.TILE_WIDTH
+        leaves.extend(entries[max(0, start - first) :])
+    return leaves
+
+
+def rotation_sizes(fetched: Mapping[TileKey, bytes], saved_size: int | None, size: int) -> list[int]:
+    """The tree sizes whose last leaf, among the new ones, is a key rotation event: the caller
+    fetches the old key's checkpoint at each (`verify_tiles` checks them). A leaf that does not
+    parse is skipped here and refused there."""
+    start = saved_size or 0
+    try:
+        new = _new_leaves(fetched, start, size)
+    except VerifyFailure:
+        return []  # a gap, which verify_tiles reports
+    found = []
+    for position, leaf in enumerate(new, start=start):
+        try:
+            if parse_leaf(leaf).get("action") == ROTATION_ACTION:
+                found.append(position + 1)
+        except ValueError:
+            continue
+    return found
+
+
+def verify_tiles(
+    state: State,
+    note: bytes,
+    fetched: Mapping[TileKey, bytes],
+    rotation_notes: Mapping[int, bytes] | None = None,
+) -> tuple[Report, Checkpoint]:
+    """Move the trusted state to the checkpoint in `note` using only the tiles in `fetched`
+    (`tiles_needed`), and the old key's checkpoints at the sizes `rotation_sizes` names.
+
+    Checks, the first failure deciding: the note is signed by the key of the origin the new
+    leaves end under, with the quorum (`signature`, `quorum`); it is not smaller than the saved
+    checkpoint (`rollback`) and, at the same size, has the same root (`fork`); the consistency
+    proof computed from the tiles leads from the saved root to the new one (`fork`); every new
+    leaf is present and at its position (`gap`), a canonical event of this log (`entries`); the
+    old tree's nodes and the new leaves hash to the new root (`root`). Writes nothing.
+    """
+    saved = state.size or 0
+    size = claimed_size(note)
+    vkey, origin = state.log_vkey, vkey_name(state.log_vkey)
+    if state.size is not None and size <= state.size:
+        checkpoint, witnesses = _open_with_quorum(note, state)
+        if size < state.size:
+            raise VerifyFailure(
+                "rollback",
+                f"the log's signed checkpoint has size {size}, smaller than the saved {state.size}",
+            )
+        if state.root is None or not hmac.compare_digest(checkpoint.root_hash, state.root):
+            raise VerifyFailure("fork", f"the checkpoint of size {size} has another root than the saved one")
+        return _tiles_report(checkpoint, witnesses, state, 0, []), checkpoint
+
+    tree = tiles.TileTree(size, lambda level, index, width: _tile(fetched, level, index, width))
+    leaves = _new_leaves(fetched, saved, size)
+    hashes: list[bytes] = []
+    rotations: list[_Rotation] = []
+    for position, leaf in enumerate(leaves, start=saved):
+        try:
+            event = parse_leaf(leaf)
+        except ValueError as exc:
+            raise VerifyFailure(
+                "entries", f"the leaf at position {position} is not a valid event: {exc}"
+            ) from exc
+        if event.get("idx") != position:
+            raise VerifyFailure(
+                "gap", f"the entry at position {position} says idx {event.get('idx')!r}: a gap or reordering"
+            )
+        if event.get("type") != EVENT_TYPE or event.get("origin") != origin:
+            raise VerifyFailure("entries", f"the leaf at position {position} is not an event of this log")
+        hashes.append(merkle.leaf_hash(leaf))
+        if event.get("action") == ROTATION_ACTION:
+            rotations.append(_rotation_of(event, position, origin, vkey))
+            vkey, origin = rotations[-1].new_vkey, vkey_name(rotations[-1].new_vkey)
+
+    def node(level: int, index: int) -> bytes:
+        # Old nodes from the tiles, new ones from the leaves, and the ones across both folded.
+        lo, hi = index << level, (index + 1) << level
+        if hi <= saved:
+            return tree.get_node(level, index)
+        if lo >= saved and level == 0:
+            return hashes[lo - saved]
+        return merkle.node_hash(node(level - 1, 2 * index), node(level - 1, 2 * index + 1))
+
+    signer_vkey = rotations[-1].old_vkey if rotations and rotations[-1].size == size else vkey
+    checkpoint, witnesses = _open_with_quorum(note, state, signer_vkey)
+    if state.size is not None and state.root is not None and saved > 0:
+        try:
+            proof = merkle.consistency_proof(saved, size, tree.get_node)
+            merkle.verify_consistency(saved, size, state.root, checkpoint.root_hash, proof)
+        except ProofError as exc:
+            raise VerifyFailure(
+                "fork", f"the checkpoint of size {size} does not extend the saved one of size {saved}: {exc}"
+            ) from exc
+        if not hmac.compare_digest(merkle.root_at(saved, tree.get_node), state.root):
+            raise VerifyFailure(
+                "fork", f"the tiles' tree of size {saved} has another root than the saved one"
+            )
+    if not hmac.compare_digest(merkle.root_at(size, node), checkpoint.root_hash):
+        raise VerifyFailure(
+            "root", "the new leaves do not hash to the checkpoint's root: an entry was changed"
+        )
+    notes = rotation_notes or {}
+    for rotation in rotations:
+        signed = notes.get(rotation.size)
+        if signed is None:
+            raise VerifyFailure(
+                "signature",
+                f"the rotation at size {rotation.size} has no checkpoint signed by the key it rotates from",
+            )
+        last_word, _ = _open_with_quorum(signed, state, rotation.old_vkey)
+        if last_word.size != rotation.size or not hmac.compare_digest(
+            last_word.root_hash, merkle.root_at(rotation.size, node)
+        ):
+            raise VerifyFailure(
+                "root", f"the old key's checkpoint of size {rotation.size} does not match the leaves"
+            )
+    return _tiles_report(checkpoint, witnesses, state, len(leaves), rotations), checkpoint
+
+
+def _tile(fetched: Mapping[TileKey, bytes], level: int, index: int, width: int) -> bytes:
+    data = fetched.get((level, index, width))
+    if data is None:
+        raise VerifyFailure("gap", f"the tile {tiles.tile_path(level, index, width)} is missing")
+    if len(data) != merkle.HASH_SIZE * width:
+        raise VerifyFailure("gap", f"the tile {tiles.tile_path(level, index, width)} is {len(data)} bytes")
+    return data
+
+
+def _tiles_report(
+    checkpoint: Checkpoint, witnesses: list[str], state: State, entries: int, rotations: list[_Rotation]
+) -> Report:
+    return Report(
+        origin=checkpoint.origin,
+        size=checkpoint.size,
+        root=base64.b64encode(checkpoint.root_hash).decode("ascii"),
+        witnesses=witnesses,
+        previous_size=state.size,
+        entries=entries,
+        rotations=[r.to_json() for r in rotations],
+    )
+
+
+def run_tiles(
+    state_dir: Path,
+    state: State,
+    note: bytes,
+    fetched: Mapping[TileKey, bytes],
+    rotation_notes: Mapping[int, bytes] | None = None,
+) -> Report:
+    """`verify_tiles`, then save the new state; on a fork or rollback keep both signed
+    checkpoints in STATE/evidence/ first (the saved state is left as it was)."""
+    try:
+        report, checkpoint = verify_tiles(state, note, fetched, rotation_notes)
+    except VerifyFailure as exc:
+        if exc.kind in ("fork", "rollback") and state.checkpoint is not None:
+            where = save_evidence(state_dir, state.checkpoint, note)
+            exc.message += f"; both signed checkpoints are kept in {where}"
+        raise
+    state.size, state.root, state.checkpoint = checkpoint.size, checkpoint.root_hash, note
+    if report.rotations:
+        state.rotated_from = [*state.rotated_from, *(r["from_vkey"] for r in report.rotations)]
         state.log_vkey = report.rotations[-1]["to_vkey"]
     state.save(state_dir)
     return report

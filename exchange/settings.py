@@ -131,7 +131,8 @@ class Settings:
     witness_vkeys: tuple[str, ...] = ()
     #: A checkpoint is published only with this many cosignatures from the keys above.
     witness_quorum: int = 0
-    #: Timeout of one add-checkpoint call to a witness.
+    #: How long the publisher waits for the witnesses, asked all at once: a witness that has not
+    #: answered by then (a 409's second call included) is left out of this checkpoint.
     witness_timeout_s: float = 5.0
     #: Allow witness URLs on loopback, private, link-local or metadata addresses (127/8, 10/8,
     #: 172.16/12, 192.168/16, 169.254/16, ::1, fc00::/7, 0.0.0.0, localhost). Off: such a witness
@@ -267,6 +268,8 @@ class Settings:
             raise ValidationError("audit_checkpoint_interval_s must be positive")
         if not 0 < self.audit_signer_lease_s < float("inf"):  # NaN fails too
             raise ValidationError("audit_signer_lease_s must be a positive, finite number")
+        if not 0 < self.witness_timeout_s < float("inf"):  # NaN fails too
+            raise ValidationError("witness_timeout_s must be a positive, finite number")
         for name in (
             "http_header_timeout_s",
             "http_keepalive_timeout_s",

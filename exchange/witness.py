@@ -11,17 +11,34 @@ if it extends the one it cosigned last (c2sp.org/tlog-witness, `add-checkpoint`)
     \\n
     <signed checkpoint note>
 
-Answers: 200 with cosignature/v1 lines; 400 malformed request or old size above the new size;
-403 no trusted log signature; 404 unknown origin; 409 (`text/x.tlog.size`, the size it knows)
-when the old size is not the one it cosigned last, or the same size comes with another root;
-422 when the consistency proof does not verify.
+Answers, in the order the spec checks them: 400 for a malformed request (or old size above the
+checkpoint's size); 404 for an unknown origin; 403 when no trusted log signature is present or one
+from a trusted key (name and key ID) does not verify (signatures from other keys are ignored);
+409 (`text/x.tlog.size`, body: the size it last cosigned and a newline) when the old size is not
+that size; 422 when the consistency proof does not verify, including a non-empty proof from size
+0, an empty tree whose root is not the empty-tree hash, and the same size with another root (a
+fork, also logged); 413 for a body above `MAX_BODY_BYTES`; 405 for another method. On success,
+200 with one cosignature/v1 line (c2sp.org/tlog-cosignature, timestamped with the witness's
+clock) over the checkpoint text exactly as submitted.
 
-State: one JSON file per log origin in the state directory, `{origin, size, root}`, replaced
-atomically (write, fsync, rename, fsync the directory) under a lock, before the cosignature is
-returned, so that no crash or concurrent request can roll it back.
+Monitors: `GET /<SHA-256 of the origin, lowercase hex>/checkpoint` serves the latest checkpoint
+cosigned for that log, with the log signatures the witness verified and its cosignature (404 if
+it never cosigned one for that log).
 
-This module also holds the client side (`request_cosignatures`), used by the service to collect
-cosignatures. It does not fetch anything from logs; it trusts only the log keys it was given.
+State: one JSON file per log origin in the state directory, `{origin, size, root, checkpoint}`
+(`checkpoint`: the note served to monitors; a file from before it was kept serves 404 until the
+next cosignature), replaced atomically (write, fsync, rename, fsync the directory) before the
+cosignature is returned. The check against it and the update run under an exclusive `flock` on
+`<state>/.lock` (and an asyncio lock), so neither a crash nor a concurrent request, nor a second
+witness process on the same directory, can roll it back.
+
+What the witness does not do: fetch anything from logs (it trusts only the log keys it was
+given, and knows a log by its key name, which is the log's origin), serve the optional
+`sign-subtree` API, or make ML-DSA-44 cosignatures (cosignature/v1 Ed25519 only, which is what
+the log's verifiers accept).
+
+This module also holds the client side (`request_cosignature`), used by the service to collect
+cosignatures.
 A witness URL is configuration that points the service's own HTTP client somewhere, so the client
 cannot be turned against internal addresses: the URL's form and literal addresses are checked in
 `Settings`, every name is checked again each time it is resolved (`PublicResolver`: an internal
@@ -33,6 +50,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import fcntl
 import hashlib
 import ipaddress
 import json
@@ -41,7 +60,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +74,7 @@ from .files import write_atomic
 from .format import merkle
 from .format.checkpoint import COSIGNATURE_V1, Checkpoint, cosign, cosigner_vkey, verify_cosignature
 from .format.note import (
+    Note,
     Signature,
     Verifier,
     b64decode_canonical,
@@ -222,7 +242,8 @@ def parse_add_checkpoint(body: bytes) -> tuple[int, list[bytes], bytes]:
 
 
 class WitnessState:
-    """The latest cosigned (size, root) per origin, one JSON file each, replaced atomically."""
+    """The latest cosigned (size, root) per origin, and the checkpoint note as cosigned (the log's
+    verified signatures and the witness's cosignature), one JSON file each, replaced atomically."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -240,9 +261,33 @@ class WitnessState:
             raise RuntimeError(f"witness state file {self._path(origin)} belongs to another origin")
         return int(data["size"]), base64.b64decode(data["root"])
 
-    def store(self, origin: str, size: int, root: bytes) -> None:
-        data = json.dumps({"origin": origin, "size": size, "root": base64.b64encode(root).decode("ascii")})
-        write_atomic(self._path(origin), data.encode("utf-8"), overwrite=True)
+    def store(self, origin: str, size: int, root: bytes, note: bytes | None = None) -> None:
+        data = {"origin": origin, "size": size, "root": base64.b64encode(root).decode("ascii")}
+        if note is not None:
+            data["checkpoint"] = note.decode("utf-8")
+        write_atomic(self._path(origin), json.dumps(data).encode("utf-8"), overwrite=True)
+
+    def cosigned(self, origin: str) -> bytes | None:
+        """The latest checkpoint note cosigned for `origin`, if any (and stored with its state)."""
+        try:
+            data = json.loads(self._path(origin).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        if data.get("origin") != origin:
+            raise RuntimeError(f"witness state file {self._path(origin)} belongs to another origin")
+        note = data.get("checkpoint")
+        return note.encode("utf-8") if isinstance(note, str) else None
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold an exclusive lock on the state directory (blocking): load, check and store under
+        it, so that two processes serving one directory cannot interleave a check and an update."""
+        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
 
 # -- the witness -------------------------------------------------------------------------------------
@@ -271,6 +316,8 @@ class Witness:
         self._lock = asyncio.Lock()
 
     async def add_checkpoint(self, body: bytes) -> bytes:
+        """Check an add-checkpoint request body and, if it passes, record and cosign it: the
+        response body (one cosignature line). Raises an AddCheckpointError subclass otherwise."""
         old_size, proof, note_bytes = parse_add_checkpoint(body)
         try:
             checkpoint = Checkpoint.parse(parse_note(note_bytes).text)
@@ -280,34 +327,51 @@ class Witness:
         if verifiers is None:
             raise UnknownLogOrigin(f"unknown log origin {checkpoint.origin!r}")
         try:
-            open_note(note_bytes, verifiers)
+            opened = open_note(note_bytes, verifiers)
         except NoteError as exc:
             raise CheckpointUntrusted(f"no trusted log signature verifies: {exc}") from exc
         if old_size > checkpoint.size:
             raise AddCheckpointError("the old size is larger than the checkpoint size")
-        # Check and update under one lock: two requests must not both pass against the same state.
+        # One request at a time in this process (the flock inside serialises processes).
         async with self._lock:
-            known = await asyncio.to_thread(self.state.load, checkpoint.origin)
+            line = await asyncio.to_thread(self._check_and_store, old_size, proof, checkpoint, opened)
+        return line.encode("utf-8")
+
+    def _check_and_store(
+        self, old_size: int, proof: Sequence[bytes], checkpoint: Checkpoint, opened: Note
+    ) -> str:
+        """Check the request against the state, then cosign and store; the cosignature line."""
+        with self.state.locked():
+            known = self.state.load(checkpoint.origin)
             known_size, known_root = known if known else (0, merkle.EMPTY_ROOT)
             if old_size != known_size:
                 raise CheckpointConflict(
                     f"the witness last cosigned size {known_size}", known_size=known_size
                 )
-            if old_size == checkpoint.size and known is not None and known_root != checkpoint.root_hash:
+            if old_size == checkpoint.size and known_root != checkpoint.root_hash:
                 log.warning("fork: %s size %d with two roots", checkpoint.origin, checkpoint.size)
-                raise CheckpointConflict(
-                    "the same tree size with another root hash: the log forked", known_size=known_size
-                )
             try:
                 merkle.verify_consistency(old_size, checkpoint.size, known_root, checkpoint.root_hash, proof)
             except ProofError as exc:
                 log.warning("inconsistent checkpoint from %s: %s", checkpoint.origin, exc)
                 raise CheckpointInconsistent(f"the consistency proof does not verify: {exc}") from exc
-            await asyncio.to_thread(
-                self.state.store, checkpoint.origin, checkpoint.size, checkpoint.root_hash
+            # The spec: the timestamp MUST NOT be zero; the cosigned message is the submitted text.
+            timestamp = max(1, self.clock_s())
+            line = cosign(opened.text, self.key.name, self.key.seed, timestamp).to_line()
+            # Kept for monitors: the text, the log signatures checked, and this cosignature.
+            cosigned = opened.text + "\n" + "".join(sig.to_line() for sig in opened.signatures) + line
+            self.state.store(
+                checkpoint.origin, checkpoint.size, checkpoint.root_hash, cosigned.encode("utf-8")
             )
-        signature = cosign(checkpoint.to_text(), self.key.name, self.key.seed, self.clock_s())
-        return signature.to_line().encode("utf-8")
+            return line
+
+    def latest(self, origin_hash: str) -> bytes | None:
+        """The latest cosigned checkpoint of the log whose origin hashes (SHA-256, lowercase hex)
+        to `origin_hash`, with its log signatures and this witness's cosignature; None if none."""
+        for origin in self.logs:
+            if hashlib.sha256(origin.encode("utf-8")).hexdigest() == origin_hash:
+                return self.state.cosigned(origin)
+        return None
 
 
 _WITNESS = web.AppKey("witness", Witness)
@@ -331,10 +395,20 @@ async def _handle_add_checkpoint(request: web.Request) -> web.Response:
     return web.Response(status=200, body=lines, content_type="text/plain", charset="utf-8")
 
 
+async def _handle_checkpoint(request: web.Request) -> web.Response:
+    note = await asyncio.to_thread(request.app[_WITNESS].latest, request.match_info["origin_hash"])
+    if note is None:
+        return web.Response(status=404, text="no checkpoint cosigned for that log\n")
+    return web.Response(status=200, body=note, content_type="text/plain", charset="utf-8")
+
+
 def create_witness_app(witness: Witness) -> web.Application:
+    """The witness's routes: `POST /add-checkpoint` (submission) and `GET /<origin hash>/checkpoint`
+    (monitoring; the submission and monitoring prefixes are both the root)."""
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[_WITNESS] = witness
     app.router.add_post("/add-checkpoint", _handle_add_checkpoint)
+    app.router.add_get("/{origin_hash:[0-9a-f]{64}}/checkpoint", _handle_checkpoint)
     return app
 
 

@@ -27,7 +27,20 @@ from aiohttp import web
 from ..errors import BodyTimeout, ExchangeError, PayloadTooLarge, RateLimited, ValidationError
 from ..services.audit import Context
 from ..settings import Settings
-from . import artifacts, audit, findings, forwarded, health, links, metrics, principals, refusals, uploadlinks
+from . import (
+    artifacts,
+    audit,
+    auditproofs,
+    findings,
+    forwarded,
+    health,
+    links,
+    metrics,
+    principals,
+    refusals,
+    tiles,
+    uploadlinks,
+)
 from .auth import authenticate
 from .keys import AUDIT, CLOCK, OPENAPI, SETTINGS, VALIDATORS
 from .lifetime import lifetime
@@ -45,7 +58,7 @@ log = logging.getLogger("exchange.api")
 access_log = logging.getLogger("exchange.access")
 
 #: The API, by subject. Each module has ROUTES and schemas(settings); adding one here is all it takes.
-MODULES = (health, principals, audit, artifacts, links, uploadlinks, findings)
+MODULES = (health, principals, audit, artifacts, links, uploadlinks, findings, auditproofs, tiles)
 ROUTES: list[Route] = [route for module in MODULES for route in module.ROUTES]
 
 
@@ -235,8 +248,10 @@ def create_app(settings: Settings, *, clock: Callable[[], int] = system_clock) -
     app[OPENAPI] = build_document(ROUTES, schemas, settings)
     by_resource: dict[tuple[str, str], Route] = {}
     for route in ROUTES:
-        app.router.add_route(route.method, route.path, route.handler)
-        by_resource[(route.method, route.path)] = route
+        added = app.router.add_route(route.method, route.path, route.handler)
+        # Keyed as requests find it: a pattern ("{index:.+}") is dropped from the canonical path.
+        assert added.resource is not None
+        by_resource[(route.method, added.resource.canonical)] = route
     app[_ROUTE_BY_HANDLER] = by_resource
     app.cleanup_ctx.append(lifetime)  # everything opened, run and closed: api/lifetime.py
     return app

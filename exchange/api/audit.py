@@ -33,7 +33,7 @@ from .keys import AUDIT, CLOCK, DB, SETTINGS
 from .routing import CTX, PRINCIPAL, Route, path_param, query_param
 from .schemas import INT, STR, Schema, obj
 
-__all__ = ["PUBLISHER", "ROUTES", "SIGNER", "schemas", "start_publisher"]
+__all__ = ["PUBLISHER", "ROUTES", "SIGNER", "fail_closed_on_damage", "schemas", "start_publisher"]
 
 log = logging.getLogger("exchange.api")
 
@@ -62,7 +62,7 @@ async def start_publisher(app: web.Application, signer: Signer) -> svc.Publisher
 
 
 @contextlib.contextmanager
-def _fail_closed(app: web.Application) -> Iterator[None]:
+def fail_closed_on_damage(app: web.Application) -> Iterator[None]:
     """What a read finds wrong with the stored log stops this process's appends, as the checks do."""
     try:
         yield
@@ -123,14 +123,14 @@ async def get_checkpoint_at(request: web.Request) -> web.Response:
 
 async def inclusion_proof(request: web.Request) -> web.Response:
     index, size = _int(request, "index"), _int(request, "size")
-    with _fail_closed(request.app):
+    with fail_closed_on_damage(request.app):
         proof = await reads.inclusion_proof(request.app[DB], request[PRINCIPAL], index=index, size=size)
     return web.json_response({"index": index, "size": size, "proof": _b64(proof)})
 
 
 async def consistency_proof(request: web.Request) -> web.Response:
     old, new = _int(request, "old"), _int(request, "new")
-    with _fail_closed(request.app):
+    with fail_closed_on_damage(request.app):
         proof = await reads.consistency_proof(request.app[DB], request[PRINCIPAL], old=old, new=new)
     return web.json_response({"old": old, "new": new, "proof": _b64(proof)})
 
@@ -205,7 +205,7 @@ async def query_events(request: web.Request) -> web.Response:
     elif "size" in request.query:
         size = _int(request, "size")
     with_proofs = request.query.get("proofs") in ("1", "true")
-    with _fail_closed(app):
+    with fail_closed_on_damage(app):
         page = await reads.query_page(
             app[DB],
             app[AUDIT],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -69,7 +70,9 @@ def _operation(route: Route) -> dict[str, Any]:
 def build_document(routes: Sequence[Route], schemas: dict[str, Schema], settings: Settings) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
-        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route)
+        # A path parameter with a pattern ("{index:.+}", several segments) is documented by name.
+        path = re.sub(r"\{(\w+):[^{}]+\}", r"{\1}", route.path)
+        paths.setdefault(path, {})[route.method.lower()] = _operation(route)
     return {
         "openapi": "3.1.0",
         "info": {

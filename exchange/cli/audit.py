@@ -3,28 +3,36 @@
 `exchange audit verify` is offline: it reads a bundle and its own state directory and trusts
 only the keys pinned there (`exchange.auditverify`). Everything else talks to the service;
 `exchange audit query` prints only rows it verified against that same state directory.
+`exchange audit verify --tiles` and `exchange audit monitor` follow the log through its tiles
+instead, from the saved checkpoint on, and verify the same way (`auditverify.verify_tiles`);
+the monitor repeats that every --interval seconds and stops with an ALERT and the verdict's exit
+code on a fork, a rollback or a gap. It does not page anyone: run it under something that does.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
 from .. import auditverify
 from ..client import Client
 from ..client.audit import AuditClient, events_csv
-from ..errors import ExchangeError, InputError, NoteError
-from ._base import EXIT_USAGE, Options, fail, main, output, pass_opts, when, with_client
+from ..errors import ExchangeError, InputError, NoteError, ServiceUnreachable
+from ..format import tiles
+from ._base import EXIT_USAGE, Options, fail, main, output, pass_opts, run, when, with_client
 
 _RELATIVE = re.compile(r"(\d+)([smhd])")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -246,12 +254,21 @@ Exit codes:
  15  fork: the checkpoint contradicts the saved one (rollback or rewritten history);
      both signed checkpoints are kept in STATE/evidence/
  16  proof: the bundle's consistency proof is malformed or does not verify
+ 17  rollback (--tiles): the log's signed checkpoint is smaller than the saved one
+ 18  gap (--tiles): a tile or entry bundle is missing, or an entry is not at its idx
 """
 
 
 @audit.command("verify", help=_VERIFY_HELP)
 @click.option(
     "--bundle", type=click.Path(file_okay=False, exists=True, path_type=Path), help="Bundle directory."
+)
+@click.option(
+    "--tiles",
+    "via_tiles",
+    is_flag=True,
+    help="Follow the log through its tlog-tiles from the saved checkpoint instead of a bundle: "
+    "fetch only the new tiles and entries.",
 )
 @_state_option("Where pinned keys and the last verified checkpoint live.")
 @click.option(
@@ -263,11 +280,18 @@ Exit codes:
 def verify(
     opts: Options,
     bundle: Path | None,
+    via_tiles: bool,
     state_dir: Path,
     log_vkey: str | None,
     witness_vkeys: tuple[str, ...],
     quorum: int | None,
 ) -> None:
+    if via_tiles:
+        if bundle is not None:
+            fail(InputError("give --bundle or --tiles, not both"), as_json=opts.json)
+        report, _ = run(opts, lambda: _follow(opts, state_dir, log_vkey, witness_vkeys, quorum))
+        _verified(opts, report)
+        return
     with tempfile.TemporaryDirectory(prefix="exchange-audit-") as tmp:
         if bundle is None:
             bundle = Path(tmp) / "bundle"
@@ -280,6 +304,10 @@ def verify(
             _verdict(opts, {"verdict": exc.kind, "detail": exc.message}, exc.exit_code)
         except (OSError, ValueError, NoteError) as exc:
             _verdict(opts, {"verdict": "usage", "detail": str(exc)}, EXIT_USAGE)
+    _verified(opts, report)
+
+
+def _verified(opts: Options, report: auditverify.Report) -> None:
     data = {"verdict": "ok"} | report.to_json()
     output(
         opts,
@@ -292,12 +320,142 @@ def verify(
     )
 
 
-def _verdict(opts: Options, data: dict[str, Any], code: int) -> None:
+_ALERTS = ("fork", "rollback", "gap")
+
+
+def _verdict(opts: Options, data: dict[str, Any], code: int) -> NoReturn:
     if opts.json:
         click.echo(json.dumps(data | {"exit_code": code}, sort_keys=True))
+    elif data["verdict"] in _ALERTS:
+        click.echo(
+            f"exchange: ALERT: the audit log misbehaves ({data['verdict']}): {data['detail']}", err=True
+        )
     else:
         click.echo(f"exchange: verify failed ({data['verdict']}): {data['detail']}", err=True)
     sys.exit(code)
+
+
+async def _follow(
+    opts: Options,
+    state_dir: Path,
+    log_vkey: str | None,
+    witness_vkeys: tuple[str, ...],
+    quorum: int | None,
+) -> tuple[auditverify.Report, list[bytes]]:
+    """One step through the tiles: from the saved checkpoint to the latest; the new leaves too.
+
+    A verdict other than ok exits with its code (`_verdict`); the service's own errors raise.
+    """
+    try:
+        state = auditverify.load_pinned(state_dir, log_vkey)
+        if witness_vkeys:
+            state.witness_vkeys = list(witness_vkeys)
+        if quorum is not None:
+            state.witness_quorum = quorum
+        if state.witness_quorum > len(state.witness_vkeys):
+            raise auditverify.VerifyFailure(
+                "usage", "the witness quorum is larger than the number of witness keys"
+            )
+        identity = opts.identity()
+        async with Client(opts.server_url(identity), identity) as client:
+            note, fetched, rotations = await AuditClient(client).follow(state.size)
+        previous = state.size or 0
+        report = auditverify.run_tiles(state_dir, state, note, fetched, rotations)
+    except auditverify.VerifyFailure as exc:
+        _verdict(opts, {"verdict": exc.kind, "detail": exc.message}, exc.exit_code)
+    except (OSError, ValueError, NoteError) as exc:
+        _verdict(opts, {"verdict": "usage", "detail": str(exc)}, EXIT_USAGE)
+    new = [
+        leaf
+        for (level, index, _), data in sorted(fetched.items())
+        if level < 0
+        for position, leaf in enumerate(tiles.split_bundle(data), start=index * tiles.TILE_WIDTH)
+        if position >= previous
+    ]
+    return report, new
+
+
+def _summary(leaves: list[bytes]) -> dict[str, int]:
+    """New events by action (the leaves are verified by then)."""
+    counts: Counter[str] = Counter()
+    for leaf in leaves:
+        counts[str(json.loads(leaf).get("action"))] += 1
+    return dict(sorted(counts.items()))
+
+
+_MONITOR_HELP = """Follow the log through its tlog-tiles and alert on misbehaviour.
+
+Each round fetches the latest checkpoint, checks its signature and witness quorum against the
+state directory (as `audit verify`), fetches only the tiles and entry bundles new since the saved
+checkpoint, checks that the new tree extends the saved one and that the new entries hash to it,
+saves the new state and prints a summary of the new events. With --once, one round; otherwise
+one every --interval seconds until interrupted (an unreachable service is reported and retried).
+
+\b
+On misbehaviour it stops with a message starting "ALERT" and the verdict's exit code:
+ 15  fork: the log's signed tree does not extend the saved one (both checkpoints kept in
+     STATE/evidence/)
+ 17  rollback: the log's signed checkpoint is smaller than the saved one
+ 18  gap: a tile or entry bundle is missing, or an entry is not at its idx
+and 11-14 as for `audit verify`.
+"""
+
+
+@audit.command("monitor", help=_MONITOR_HELP)
+@_state_option("Where pinned keys and the last verified checkpoint live.")
+@click.option(
+    "--vkey", "log_vkey", help="The log's verifier key, obtained out of band (pinned on first use)."
+)
+@click.option("--witness-vkey", "witness_vkeys", multiple=True, help="A witness's cosigner key (repeatable).")
+@click.option("--quorum", type=click.IntRange(0), help="Cosignatures required from those witnesses.")
+@click.option(
+    "--interval",
+    "interval_s",
+    type=click.FloatRange(min=1.0),
+    default=60.0,
+    show_default=True,
+    help="Seconds between rounds.",
+)
+@click.option("--once", is_flag=True, help="One round, then exit.")
+@pass_opts
+def monitor(
+    opts: Options,
+    state_dir: Path,
+    log_vkey: str | None,
+    witness_vkeys: tuple[str, ...],
+    quorum: int | None,
+    interval_s: float,
+    once: bool,
+) -> None:
+    async def rounds() -> None:
+        while True:
+            try:
+                report, new = await _follow(opts, state_dir, log_vkey, witness_vkeys, quorum)
+            except ServiceUnreachable as exc:
+                if once:
+                    raise
+                click.echo(f"exchange: monitor: {exc}; retrying in {interval_s:g}s", err=True)
+            else:
+                summary = _summary(new)
+                line = _monitor_line(report, summary)
+                output(
+                    opts,
+                    {"verdict": "ok", "new_events": summary} | report.to_json(),
+                    partial(click.echo, line),
+                )
+            if once:
+                return
+            await asyncio.sleep(interval_s)
+
+    run(opts, rounds)
+
+
+def _monitor_line(report: auditverify.Report, new_events: dict[str, int]) -> str:
+    if report.previous_size is not None and report.previous_size == report.size:
+        return f"{report.origin}: size {report.size}, no new events"
+    actions = ", ".join(f"{action} {count}" for action, count in new_events.items())
+    sizes = f"size {report.previous_size or 0} -> {report.size}"
+    return f"{report.origin}: {sizes}: {report.entries} new events ({actions})"
 
 
 # -- witness --------------------------------------------------------------------------------------
@@ -340,7 +498,12 @@ def witness_keygen(opts: Options, name: str, key_path: Path) -> None:
 def witness_serve(
     opts: Options, host: str, port: int, state_dir: Path, key_path: Path, log_vkeys: tuple[str, ...]
 ) -> None:
-    """Serve POST /add-checkpoint (c2sp.org/tlog-witness) until interrupted."""
+    """Serve a tlog-witness (c2sp.org/tlog-witness) until interrupted.
+
+    POST /add-checkpoint cosigns a checkpoint of a log whose --log-vkey it was given, if it is
+    consistent with the last one it cosigned (kept in --state); GET /<origin hash>/checkpoint
+    serves that last one to monitors.
+    """
     import logging
 
     from aiohttp import web

@@ -4,12 +4,15 @@
 fetched is true; that is `exchange.auditverify`, which trusts none of it (an export bundle is
 checked offline, against the key the auditor pinned, never the copy the service sent along).
 `verified_query` fetches a query's pages with their proofs and has `auditverify` judge every
-row before handing it out; what fails is `AuditEventUnverified`, never a row.
+row before handing it out; what fails is `AuditEventUnverified`, never a row. `follow` fetches
+the log's tlog-tiles (`/v1/audit/log/...`) that `auditverify.tiles_needed` names, one request
+each, for `auditverify.verify_tiles` to judge.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import hashlib
 import json
@@ -19,9 +22,11 @@ from typing import Any
 
 from .. import auditverify
 from ..auditverify import BUNDLE_FILES, MANIFEST
-from ..errors import AuditEventUnverified, ValidationError
+from ..errors import AuditEventUnverified, NotFound, ValidationError
+from ..format import tiles
 from . import Client
 from ._csv import safe_cell
+from .auditproof import build_proof
 
 __all__ = ["AuditClient", "events_csv"]
 
@@ -225,6 +230,54 @@ class AuditClient:
         }
         (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         return {"out": str(out), "size": size, "since_size": since_size}
+
+    async def prove(self, event: str | int) -> bytes:
+        """A c2sp.org/tlog-proof file of one event (its id or idx), in the latest signed checkpoint.
+
+        Its `extra` line is the event's exact leaf (`exchange.client.auditproof`); the parts must
+        hold together (AuditEventUnverified otherwise), but the checkpoint's signature is the
+        reader's to check (`check_proof`, offline). Auditors and admins may prove any event;
+        others, events they are the actor or subject of (PermissionDenied otherwise).
+        """
+        ref = str(event).lower()
+        if not ref or len(ref) > 36 or not set(ref) <= set("0123456789abcdef-"):
+            raise ValidationError(f"{event!r} is not an event id (a UUID) or idx (a decimal)")
+        answer = await self.client.request("GET", f"/v1/audit/proofs/{ref}")
+        return build_proof(answer)
+
+    # -- the log as tlog-tiles -------------------------------------------------------------------
+
+    async def log_checkpoint(self) -> bytes:
+        """The latest checkpoint note as the tiles API serves it (`/v1/audit/log/checkpoint`)."""
+        note: bytes = await self.client.request("GET", "/v1/audit/log/checkpoint", raw=True)
+        return note
+
+    async def tile(self, level: int, index: int, width: int = tiles.TILE_WIDTH) -> bytes:
+        """Merkle tile (level, index) of `width` hashes, or, for level -1, that entry bundle."""
+        path = tiles.entries_path(index, width) if level < 0 else tiles.tile_path(level, index, width)
+        data: bytes = await self.client.request("GET", "/v1/audit/log/" + path, raw=True)
+        return data
+
+    async def follow(
+        self, saved_size: int | None
+    ) -> tuple[bytes, dict[auditverify.TileKey, bytes], dict[int, bytes]]:
+        """What `auditverify.verify_tiles` needs to move a state of `saved_size` to the latest
+        checkpoint: the note, only the tiles and bundles that move needs (`tiles_needed`), and the
+        old key's checkpoints at key rotations among the new leaves. A tile the service does not
+        have (404) is left out: the verifier calls it a gap."""
+        note = await self.log_checkpoint()
+        size = auditverify.claimed_size(note)
+        fetched: dict[auditverify.TileKey, bytes] = {}
+        for key in auditverify.tiles_needed(saved_size, size):
+            try:
+                fetched[key] = await self.tile(*key)
+            except NotFound:
+                continue
+        rotations: dict[int, bytes] = {}
+        for at in auditverify.rotation_sizes(fetched, saved_size, size):
+            with contextlib.suppress(NotFound):
+                rotations[at] = str((await self.checkpoint(at))["note"]).encode("utf-8")
+        return note, fetched, rotations
 
 
 def _readable(leaf: bytes) -> dict[str, Any]:

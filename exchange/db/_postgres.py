@@ -1,4 +1,5 @@
-"""PostgreSQL backend on asyncpg: a connection pool, one transaction per `transaction()`."""
+"""PostgreSQL backend on asyncpg: a connection pool, one transaction per `transaction()`, and
+custom query plans always (`plan_cache_mode`: see `open`)."""
 
 from __future__ import annotations
 
@@ -52,7 +53,17 @@ class PostgresDatabase(Database):
     @classmethod
     async def open(cls, url: str, *, min_size: int = 1, max_size: int = 10) -> PostgresDatabase:
         pool = await _guard(
-            asyncpg.create_pool(url, min_size=min_size, max_size=max_size, command_timeout=30)
+            asyncpg.create_pool(
+                url,
+                min_size=min_size,
+                max_size=max_size,
+                command_timeout=30,
+                # asyncpg prepares every statement, and after five runs PostgreSQL may switch one
+                # to a generic plan that ignores the values: for an audit filter on a rare value
+                # that plan walks the whole log (~300 ms at 10^6 events instead of under 1 ms).
+                # A custom plan per execution costs one planning step, far less.
+                server_settings={"plan_cache_mode": "force_custom_plan"},
+            )
         )
         return cls(pool)
 

@@ -15,7 +15,10 @@ for auditors and publishes signed checkpoints:
   one term at a time writes, and a replica that lost the lease writes nothing and, once it
   knows, asks no witness;
 - proofs and roots, each folded from O(log n) stored nodes fetched in one query;
-- entries by range (the exact leaf bytes) and filtered queries pinned to a checkpoint size.
+- entries by range (the exact leaf bytes) and filtered queries pinned to a checkpoint size,
+  each page written for one index whose rows come in idx order (migration 0011), so a page
+  reads about what it returns however rare the match; a time window is first bounded by the
+  indices it holds.
 
 The publisher signs only what its `TreeCheck` (`services.auditcheck`) folded from re-hashed
 leaves: at start it checks the whole log, before each checkpoint the events since (a replica
@@ -422,17 +425,38 @@ class Publisher:
         return True
 
     async def _cosign(self, note: bytes, size: int, published: int) -> list[str]:
+        """Ask every configured witness at once; return the cosignature lines that arrived (one
+        per witness key) within `witness_timeout_s`, for the caller to hold against the quorum.
+
+        The deadline covers all of a witness's calls together (a 409 costs a second one), so a
+        witness that never answers, or answers slowly, costs at most the timeout and does not
+        hold up the others: its request is cancelled and the checkpoint goes out with the
+        cosignatures that came in, if they make the quorum (tlog-witness allows a subset).
+        """
         if not self.witnesses.urls:
             return []
+        timeout_s = self.settings.witness_timeout_s
         async with witness_session(
-            timeout_s=self.settings.witness_timeout_s, allow_private=self.settings.witness_allow_private
+            timeout_s=timeout_s, allow_private=self.settings.witness_allow_private
         ) as session:
-            results = await asyncio.gather(
-                *(self._cosign_one(session, url, note, size, published) for url in self.witnesses.urls)
-            )
+            tasks = {
+                asyncio.ensure_future(self._cosign_one(session, url, note, size, published)): url
+                for url in self.witnesses.urls
+            }
+            try:
+                done, pending = await asyncio.wait(tasks, timeout=timeout_s)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        for task in pending:
+            log.warning("witness %s did not answer checkpoint %d within %s s", tasks[task], size, timeout_s)
         lines: list[str] = []
         seen: set[tuple[str, bytes]] = set()
-        for sig in results:
+        for task in tasks:  # in the configured order
+            if task not in done:
+                continue
+            sig = task.result()  # a failing database is the publisher's error, not a witness's
             if sig is not None and (sig.name, sig.key_id) not in seen:
                 seen.add((sig.name, sig.key_id))
                 lines.append(sig.to_line())
@@ -598,16 +622,85 @@ class Filter:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
-_FILTER_SQL = {
-    "actor_id": "actor_id = ${}",
-    "org": "actor_org = ${}",
-    "action": "action = ${}",
-    "resource_type": "resource_type = ${}",
-    "resource_id": "resource_id = ${}",
-    "outcome": "outcome = ${}",
-    "since_ms": "time_ms >= ${}",
-    "until_ms": "time_ms < ${}",
+#: Equality filters, by field: the column, and an equivalent term no index can serve (NULL
+#: stays NULL, so `col || '' = $n` matches exactly the rows `col = $n` does).
+_EQUALITY_COLUMNS = {
+    "actor_id": "actor_id",
+    "org": "actor_org",
+    "action": "action",
+    "resource_type": "resource_type",
+    "resource_id": "resource_id",
+    "outcome": "outcome",
 }
+#: The index a page walks, by which equality filters are present: the first entry whose fields
+#: are all given wins. Each index ends with idx (migrations 0001, 0003, 0011), so the rows come
+#: out in page order and a page reads about as many index entries as it returns (plus the
+#: matches of the walked columns that the other filters reject). An actor's or a resource's
+#: events are few next to the log's, so those come first; then the conjunctions auditors use.
+_WALK_ORDER: tuple[tuple[str, ...], ...] = (
+    ("actor_id",),
+    ("resource_type", "resource_id"),
+    ("org", "action", "outcome"),
+    ("org", "action"),
+    ("org", "outcome"),
+    ("action", "outcome"),
+    ("org",),
+    ("action",),
+    ("resource_type",),
+    ("outcome",),
+)
+#: A time filter first reads up to this many (time_ms, idx) index entries: if that is all the
+#: window holds, the page reads just those events (by time, then sorted: a short window,
+#: however far back). Otherwise up to _TIME_SCAN_ROWS entries are scanned for the window's
+#: lowest and highest index, which bound the page's walk in (idx, time_ms) (time is nearly in
+#: idx order, so the walk is dense there); past that, the walk starts at the cursor.
+_TIME_PROBE_ROWS = 1000
+_TIME_SCAN_ROWS = 100_000
+
+
+def _time_clauses(where: Filter, args: list[Any]) -> list[str]:
+    clauses = []
+    if where.since_ms is not None:
+        args.append(where.since_ms)
+        clauses.append(f"time_ms >= ${len(args)}")
+    if where.until_ms is not None:
+        args.append(where.until_ms)
+        clauses.append(f"time_ms < ${len(args)}")
+    return clauses
+
+
+async def _time_bounds(
+    conn: Connection, where: Filter, after: int, size: int, *, scan: bool
+) -> tuple[tuple[int, int] | None, bool]:
+    """((after, before) such that every event of the time window below `size` is within, or None
+    if the window holds more than _TIME_PROBE_ROWS events (with `scan`: _TIME_SCAN_ROWS);
+    whether it holds at most _TIME_PROBE_ROWS, so that reading it by time is the cheaper way).
+
+    The cursor is not a term here: (time_ms, idx) is read in time order, and the events a
+    cursor skips come first in it, so every page but the first would read them all.
+    """
+    args: list[Any] = [size]
+    window = " AND ".join(["idx + 0 < $1", *_time_clauses(where, args)])  # idx checked, never walked
+    args.append(_TIME_PROBE_ROWS + 1)
+    rows = await conn.fetchall(
+        f"SELECT idx FROM audit_events WHERE {window} ORDER BY time_ms LIMIT ${len(args)}",  # noqa: S608 - fixed fragments, placeholders only
+        *args,
+    )
+    if len(rows) <= _TIME_PROBE_ROWS:
+        found = [int(r["idx"]) for r in rows if int(r["idx"]) > after]
+        return ((max(after, min(found) - 1), max(found) + 1) if found else (after, after + 1)), True
+    if not scan:
+        return None, False
+    args[-1] = _TIME_SCAN_ROWS + 1
+    span = await conn.fetchone(
+        f"SELECT COUNT(*) AS n, MIN(idx) AS lo, MAX(idx) AS hi FROM (SELECT idx FROM audit_events"  # noqa: S608 - fixed fragments, placeholders only
+        f" WHERE {window} LIMIT ${len(args)}) AS w",
+        *args,
+    )
+    if span is None or int(span["n"]) > _TIME_SCAN_ROWS:
+        return None, False
+    lo, hi = max(after, int(span["lo"]) - 1), int(span["hi"]) + 1
+    return ((lo, hi) if lo < hi else (after, after + 1)), False
 
 
 async def query(
@@ -615,21 +708,54 @@ async def query(
 ) -> list[tuple[int, bytes]]:
     """(idx, leaf) of matching events with after < idx < size, in index order, at most `limit`.
 
-    Each row is checked against its leaf before it is returned (AuditLogDamaged if a column
+    The statement is written so that both engines read it one way, whatever their statistics
+    (SQLite keeps none here): the equality filters of the first index of `_WALK_ORDER` that fits
+    are walked in idx order and the others are written so that no index serves them; a time
+    window is first narrowed to the indices it holds, when it holds few (`_time_bounds`, then
+    read by time and sorted), else walked in (idx, time_ms) when nothing else narrows it. Each
+    row is checked against its leaf before it is returned (AuditLogDamaged if a column
     differs): the columns chose it, so the leaf must say what they say.
+
+    PostgreSQL plans each statement for its values, but after five runs a prepared statement
+    may switch to a generic plan, which for a single filter walks the primary key and reads
+    the whole log for a rare value: the pool keeps custom plans (`plan_cache_mode`, set in
+    `db._postgres`).
     """
-    clauses = ["idx > $1", "idx < $2"]
-    args: list[Any] = [after, size]
-    for name, value in where.to_json().items():
+    given = where.to_json()
+    walked = next((fields for fields in _WALK_ORDER if all(f in given for f in fields)), ())
+    timed = where.since_ms is not None or where.until_ms is not None
+    # An index of _WALK_ORDER narrows the walk already: then only a short window is worth bounds.
+    bounds, few = await _time_bounds(conn, where, after, size, scan=not walked) if timed else (None, False)
+    lo, hi = bounds if bounds is not None else (after, size)
+    # Which index reads the page, by the terms left indexable: `idx + 0` and `time_ms + 0` are
+    # the same values, but no index serves them.
+    by_time = few and not walked  # the window's few events, by time, then sorted
+    by_idx_time = timed and not few and not walked  # a long window, walked in idx order
+    idx = "idx + 0" if by_time else "idx"
+    time_ms = "time_ms" if by_time or by_idx_time else "time_ms + 0"
+    clauses = [f"{idx} > $1", f"{idx} < $2"]
+    args: list[Any] = [lo, hi]
+    for name, value in given.items():
         args.append(value)
-        clauses.append(_FILTER_SQL[name].format(len(args)))
+        if name == "since_ms":
+            clauses.append(f"{time_ms} >= ${len(args)}")
+        elif name == "until_ms":
+            clauses.append(f"{time_ms} < ${len(args)}")
+        else:
+            column = _EQUALITY_COLUMNS[name]
+            clauses.append(f"{column} = ${len(args)}" if name in walked else f"{column} || '' = ${len(args)}")
     args.append(limit)
-    rows = await conn.fetchall(
-        f"SELECT {ROW_COLUMNS} FROM audit_events WHERE "  # noqa: S608 - fixed fragments, placeholders only
-        + " AND ".join(clauses)
-        + f" ORDER BY idx LIMIT ${len(args)}",
-        *args,
-    )
+    where_sql = " AND ".join(clauses)
+    if by_idx_time:
+        # Only time filters: find the page's indices in the covering (idx, time_ms), so the
+        # events skipped are never read, then read the page's rows by key.
+        sql = (
+            f"SELECT {ROW_COLUMNS} FROM audit_events WHERE idx IN (SELECT idx FROM audit_events"  # noqa: S608 - fixed fragments, placeholders only
+            f" WHERE {where_sql} ORDER BY idx LIMIT ${len(args)}) ORDER BY idx"
+        )
+    else:
+        sql = f"SELECT {ROW_COLUMNS} FROM audit_events WHERE {where_sql} ORDER BY {idx} LIMIT ${len(args)}"  # noqa: S608 - fixed fragments, placeholders only
+    rows = await conn.fetchall(sql, *args)
     return [(int(r["idx"]), check_row(r)) for r in rows]
 
 

@@ -7,6 +7,7 @@ process); the service talks to them over HTTP exactly as it would in production.
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import socket
 import subprocess
@@ -169,7 +170,7 @@ async def test_witness_refuses_rollback_forks_and_bad_proofs(
     await set_leaf(stack, 4, edit_leaf((await leaves(stack))[4], action="rewritten"))
     await rebuild_tree(stack)
     _, forked = await _signed(stack)
-    assert (await _post(w.url, format_add_checkpoint(size, [], forked)))[0] == 409
+    assert (await _post(w.url, format_add_checkpoint(size, [], forked)))[0] == 422  # same size, another root
     # The forked tree grown: its consistency proof cannot lead from the root the witness holds.
     await add_events(stack, 3)
     grown_size, grown = await _signed(stack)
@@ -270,7 +271,14 @@ async def test_witness_process(
             )
         finally:
             await stack.server.close()
-        assert b'"size": ' in next((tmp_path / "w-state").iterdir()).read_bytes()
+        [state] = (tmp_path / "w-state").glob("*.json")  # beside it: the .lock file
+        assert b'"size": ' in state.read_bytes()
+        # Monitors read the same note back: the log's signature and the witness's cosignature.
+        origin_hash = hashlib.sha256(b"exchange.local/audit").hexdigest()
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/{origin_hash}/checkpoint") as resp:
+                assert resp.status == 200
+                assert await resp.read() == note
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -13,6 +13,7 @@ from exchange.db import Database, connect, migrate
 from exchange.db.migrate import migrations
 from exchange.errors import Conflict, DatabaseUnavailable
 from exchange.services.audit import SYSTEM, AuditLog, Context
+from tests.conftest import POSTGRES_DSN
 
 NOW = 1_790_000_000_000
 
@@ -264,4 +265,15 @@ async def test_sqlite_waits_for_another_writer_without_blocking_the_loop(tmp_pat
         other.execute("ROLLBACK")
     finally:
         other.close()
+        await db.close()
+
+
+async def test_postgres_plans_each_query_for_its_values() -> None:
+    """A generic plan ignores the values: for a rare audit filter it walks the whole log. Every
+    pooled connection runs with custom plans (and the queries are written to need them)."""
+    db = await connect(POSTGRES_DSN)
+    try:
+        for _ in range(3):  # whichever connection of the pool answers
+            assert await db.fetchval("SHOW plan_cache_mode") == "force_custom_plan"
+    finally:
         await db.close()
