@@ -70,7 +70,7 @@ import hmac
 import json
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -502,6 +502,28 @@ def _rotation_of(event: dict[str, Any], position: int, origin: str, vkey: str) -
     return _Rotation(position + 1, vkey, next_vkey)
 
 
+def _check_last_words(
+    rotations: Sequence[_Rotation],
+    notes: Mapping[int, bytes],
+    state: State,
+    root_of: Callable[[_Rotation], bytes],
+) -> None:
+    """Each rotation is followed only if the key it rotates from signed (with the pinned quorum)
+    the checkpoint ending with it, whose root `root_of` the leaves make."""
+    for rotation in rotations:
+        signed = notes.get(rotation.size)
+        if signed is None:
+            raise VerifyFailure(
+                "signature",
+                f"the rotation at size {rotation.size} has no checkpoint signed by the key it rotates from",
+            )
+        last_word, _ = _open_with_quorum(signed, state, rotation.old_vkey)
+        if last_word.size != rotation.size or not hmac.compare_digest(last_word.root_hash, root_of(rotation)):
+            raise VerifyFailure(
+                "root", f"the old key's checkpoint of size {rotation.size} does not match the leaves"
+            )
+
+
 def _rotation_notes(data: bytes | None) -> dict[int, bytes]:
     if data is None:
         return {}
@@ -566,19 +588,7 @@ def verify_bundle(bundle: Path, state: State) -> tuple[Report, Checkpoint, bytes
     chain = [rotations[0].old_vkey, *(r.new_vkey for r in rotations)] if rotations else [vkey]
     if chain[: len(followed)] != followed:
         raise VerifyFailure("fork", "the log's key history differs from the one this state followed before")
-    notes = _rotation_notes(files.get(ROTATIONS_FILE))
-    for rotation in rotations:
-        signed = notes.get(rotation.size)
-        if signed is None:
-            raise VerifyFailure(
-                "signature",
-                f"the rotation at size {rotation.size} has no checkpoint signed by the key it rotates from",
-            )
-        last_word, _ = _open_with_quorum(signed, state, rotation.old_vkey)
-        if last_word.size != rotation.size or not hmac.compare_digest(last_word.root_hash, rotation.root):
-            raise VerifyFailure(
-                "root", f"the old key's checkpoint of size {rotation.size} does not match the leaves"
-            )
+    _check_last_words(rotations, _rotation_notes(files.get(ROTATIONS_FILE)), state, lambda r: r.root)
 
     if state.size is not None and state.root is not None:
         _check_against_saved(state, checkpoint, previous_root_from_leaves, files["consistency.json"])
@@ -948,21 +958,7 @@ def verify_tiles(
         raise VerifyFailure(
             "root", "the new leaves do not hash to the checkpoint's root: an entry was changed"
         )
-    notes = rotation_notes or {}
-    for rotation in rotations:
-        signed = notes.get(rotation.size)
-        if signed is None:
-            raise VerifyFailure(
-                "signature",
-                f"the rotation at size {rotation.size} has no checkpoint signed by the key it rotates from",
-            )
-        last_word, _ = _open_with_quorum(signed, state, rotation.old_vkey)
-        if last_word.size != rotation.size or not hmac.compare_digest(
-            last_word.root_hash, merkle.root_at(rotation.size, node)
-        ):
-            raise VerifyFailure(
-                "root", f"the old key's checkpoint of size {rotation.size} does not match the leaves"
-            )
+    _check_last_words(rotations, rotation_notes or {}, state, lambda r: merkle.root_at(r.size, node))
     return _tiles_report(checkpoint, witnesses, state, len(leaves), rotations), checkpoint
 
 

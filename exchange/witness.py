@@ -63,6 +63,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -252,14 +253,18 @@ class WitnessState:
     def _path(self, origin: str) -> Path:
         return self.directory / (hashlib.sha256(origin.encode("utf-8")).hexdigest()[:32] + ".json")
 
-    def load(self, origin: str) -> tuple[int, bytes] | None:
+    def _read(self, origin: str) -> dict[str, Any] | None:
         try:
-            data = json.loads(self._path(origin).read_text(encoding="utf-8"))
+            data: dict[str, Any] = json.loads(self._path(origin).read_text(encoding="utf-8"))
         except FileNotFoundError:
             return None
         if data.get("origin") != origin:
             raise RuntimeError(f"witness state file {self._path(origin)} belongs to another origin")
-        return int(data["size"]), base64.b64decode(data["root"])
+        return data
+
+    def load(self, origin: str) -> tuple[int, bytes] | None:
+        data = self._read(origin)
+        return None if data is None else (int(data["size"]), base64.b64decode(data["root"]))
 
     def store(self, origin: str, size: int, root: bytes, note: bytes | None = None) -> None:
         data = {"origin": origin, "size": size, "root": base64.b64encode(root).decode("ascii")}
@@ -269,13 +274,8 @@ class WitnessState:
 
     def cosigned(self, origin: str) -> bytes | None:
         """The latest checkpoint note cosigned for `origin`, if any (and stored with its state)."""
-        try:
-            data = json.loads(self._path(origin).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
-        if data.get("origin") != origin:
-            raise RuntimeError(f"witness state file {self._path(origin)} belongs to another origin")
-        note = data.get("checkpoint")
+        data = self._read(origin)
+        note = None if data is None else data.get("checkpoint")
         return note.encode("utf-8") if isinstance(note, str) else None
 
     @contextlib.contextmanager

@@ -80,10 +80,25 @@ class Options:
         return Identity.load(self.identity_path)
 
     def server_url(self, identity: Identity | None = None) -> str:
+        """The one rule for every command, signed or not: `--server` (or EXCHANGE_SERVER), else
+        the server remembered in the identity file at enrolment."""
+        if identity is None and not self.server:
+            identity = self._identity_if_any()
         server = self.server or (identity.server if identity else None)
         if not server:
-            raise InputError("no server given: use --server URL or set EXCHANGE_SERVER")
+            raise InputError(
+                "no server given: use --server URL or set EXCHANGE_SERVER"
+                " (or enrol, which remembers the server in the identity file)"
+            )
         return server
+
+    def _identity_if_any(self) -> Identity | None:
+        """The identity file for its remembered server only, in commands that sign nothing: one
+        that is missing or unreadable is no error here (those commands need no identity)."""
+        try:
+            return Identity.load(self.identity_path)
+        except (ExchangeError, OSError, ValueError):
+            return None
 
 
 def _width(text: str) -> int:
