@@ -8,6 +8,7 @@ in CI they never skip (.ci/run starts a server).
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -282,8 +283,23 @@ class Served:
             cmd += ["--server", self.url]
         if identity is not None:
             cmd += ["--identity", str(identity)]
-        env = {k: v for k, v in self.env.items() if not k.startswith("EXCHANGE_")} | {"HOME": str(self.home)}
-        return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=60, check=False)
+        return subprocess.run(
+            [*cmd, *args], capture_output=True, text=True, env=self.client_env(), timeout=60, check=False
+        )
+
+    def client_env(self) -> dict[str, str]:
+        """The environment a person's CLI runs in: no EXCHANGE_* settings, a home of its own."""
+        return {k: v for k, v in self.env.items() if not k.startswith("EXCHANGE_")} | {"HOME": str(self.home)}
+
+    def enrol(self, role: str, org: str, name: str, identity: Path) -> None:
+        """Enrol `name` (a new identity file) as `role` of `org` through the CLI, as people do;
+        the organisation is made first if it is new."""
+        if org not in self.run("--json", "org", "ls", identity=self.admin).stdout:
+            self.run("org", "create", org, identity=self.admin)
+        invite = self.run("--json", "invite", "--role", role, "--org", org, identity=self.admin)
+        assert invite.returncode == 0, invite.stderr
+        done = self.run("enroll", json.loads(invite.stdout)["code"], "--name", name, identity=identity)
+        assert done.returncode == 0, done.stderr
 
 
 def service_env(home: Path, port: int, seaweed: SeaweedFS, **extra: str) -> dict[str, str]:

@@ -69,14 +69,8 @@ def test_the_bar_says_it_resumes_and_leaves_a_final_line(monkeypatch: pytest.Mon
 
 
 def test_artifacts_ls_is_a_table_with_human_sizes(served: Served, tmp_path: Path) -> None:
-    admin = served.admin
-    assert served.run("org", "create", "ls-lab", identity=admin).returncode == 0
-    invite = served.run("--json", "invite", "--role", "developer", "--org", "ls-lab", identity=admin)
     dev = tmp_path / "dev.json"
-    assert (
-        served.run("enroll", json.loads(invite.stdout)["code"], "--name", "ls-dev", identity=dev).returncode
-        == 0
-    )
+    served.enrol("developer", "ls-lab", "ls-dev", dev)
     write(tmp_path / "one" / "weights.bin", 3 * 1024 * 1024)
     write(tmp_path / "two-with-a-longer-name" / "data.bin", 1500)
     for src in ("one", "two-with-a-longer-name"):
@@ -98,19 +92,12 @@ def test_artifacts_ls_is_a_table_with_human_sizes(served: Served, tmp_path: Path
 
 
 def test_a_download_on_a_terminal_ends_with_a_summary_line(served: Served, tmp_path: Path) -> None:
-    admin = served.admin
-    assert served.run("org", "create", "tty-lab", identity=admin).returncode == 0
-    invite = served.run("--json", "invite", "--role", "developer", "--org", "tty-lab", identity=admin)
     dev = tmp_path / "dev.json"
-    assert (
-        served.run("enroll", json.loads(invite.stdout)["code"], "--name", "tty-dev", identity=dev).returncode
-        == 0
-    )
+    served.enrol("developer", "tty-lab", "tty-dev", dev)
     write(tmp_path / "src" / "w.bin", 2 * 1024 * 1024)
     artifact = served.run("upload", str(tmp_path / "src"), identity=dev).stdout.strip()
 
     primary, secondary = pty.openpty()
-    env = {k: v for k, v in served.env.items() if not k.startswith("EXCHANGE_")} | {"HOME": str(served.home)}
     cmd = [
         *EXCHANGE,
         "--server",
@@ -122,7 +109,7 @@ def test_a_download_on_a_terminal_ends_with_a_summary_line(served: Served, tmp_p
         "-o",
         str(tmp_path / "o"),
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=secondary, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=secondary, env=served.client_env())
     os.close(secondary)
     seen = b""
     while True:

@@ -3,7 +3,6 @@ against a real `exchange serve`, with a developer and a tester enrolled through 
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -21,28 +20,19 @@ def sdk_example() -> str:
     return match.group(1)
 
 
-def _enrol(served: Served, role: str, org: str, name: str, path: Path) -> None:
-    if org not in served.run("org", "ls", identity=served.admin).stdout:
-        served.run("org", "create", org, identity=served.admin)
-    invite = served.run("--json", "invite", "--role", role, "--org", org, identity=served.admin)
-    done = served.run("enroll", json.loads(invite.stdout)["code"], "--name", name, identity=path)
-    assert done.returncode == 0, done.stderr
-
-
 def test_the_readme_sdk_example_runs_as_written(served: Served, tmp_path: Path) -> None:
     script = tmp_path / "example.py"
     script.write_text(sdk_example())
     dev, tess = tmp_path / "dev.json", tmp_path / "tess.json"
-    _enrol(served, "developer", "sdk-lab", "sdk-dana", dev)
-    _enrol(served, "tester", "sdk-aisi", "sdk-tess", tess)
+    served.enrol("developer", "sdk-lab", "sdk-dana", dev)
+    served.enrol("tester", "sdk-aisi", "sdk-tess", tess)
     data = write(tmp_path / "weights" / "model.bin", 300_000)
     out = tmp_path / "out"
-    env = {k: v for k, v in served.env.items() if not k.startswith("EXCHANGE_")} | {"HOME": str(served.home)}
     ran = subprocess.run(
         [sys.executable, str(script), served.url, str(dev), str(tess), str(tmp_path / "weights"), str(out)],
         capture_output=True,
         text=True,
-        env=env,
+        env=served.client_env(),
         timeout=120,
         check=False,
     )

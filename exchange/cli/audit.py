@@ -32,7 +32,7 @@ from ..client import Client
 from ..client.audit import AuditClient, events_csv
 from ..errors import ExchangeError, InputError, NoteError, ServiceUnreachable
 from ..format import tiles
-from ._base import EXIT_USAGE, Options, fail, main, output, pass_opts, run, when, with_client
+from ._base import EXIT_USAGE, Options, fail, main, output, pass_opts, printable, run, when, with_client
 
 _RELATIVE = re.compile(r"(\d+)([smhd])")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -328,10 +328,11 @@ def _verdict(opts: Options, data: dict[str, Any], code: int) -> NoReturn:
         click.echo(json.dumps(data | {"exit_code": code}, sort_keys=True))
     elif data["verdict"] in _ALERTS:
         click.echo(
-            f"exchange: ALERT: the audit log misbehaves ({data['verdict']}): {data['detail']}", err=True
+            printable(f"exchange: ALERT: the audit log misbehaves ({data['verdict']}): {data['detail']}"),
+            err=True,
         )
     else:
-        click.echo(f"exchange: verify failed ({data['verdict']}): {data['detail']}", err=True)
+        click.echo(printable(f"exchange: verify failed ({data['verdict']}): {data['detail']}"), err=True)
     sys.exit(code)
 
 
@@ -451,11 +452,13 @@ def monitor(
 
 
 def _monitor_line(report: auditverify.Report, new_events: dict[str, int]) -> str:
+    """One line per round. The origin and the actions come from the log being watched, whose
+    operator the monitor does not trust: shown `printable`, they cannot act on the terminal."""
     if report.previous_size is not None and report.previous_size == report.size:
-        return f"{report.origin}: size {report.size}, no new events"
+        return printable(f"{report.origin}: size {report.size}, no new events")
     actions = ", ".join(f"{action} {count}" for action, count in new_events.items())
     sizes = f"size {report.previous_size or 0} -> {report.size}"
-    return f"{report.origin}: {sizes}: {report.entries} new events ({actions})"
+    return printable(f"{report.origin}: {sizes}: {report.entries} new events ({actions})")
 
 
 # -- witness --------------------------------------------------------------------------------------

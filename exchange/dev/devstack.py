@@ -30,6 +30,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TypeVar
 
 from ..errors import DependencyError, ExchangeError
 from ..server import bootstrap_with_settings, run_until_stopped
@@ -60,18 +61,28 @@ def _service_credentials(home: Path) -> tuple[S3Credentials, S3Credentials]:
     )
 
 
-async def _run(settings: Settings) -> None:
+_Store = TypeVar("_Store", SeaweedFS, SeaweedCluster)
+
+
+def _prepare(settings: Settings, kind: type[_Store], directory: str) -> tuple[Path, S3Credentials, _Store]:
+    """The private home (made 0700), the service's S3 keys, and the store (not started yet),
+    which the operator's keys administer and the service's may only use for its bucket."""
     home = settings.home.resolve()
     home.mkdir(parents=True, exist_ok=True)
     os.chmod(home, 0o700)
     operator, service = _service_credentials(home)
-    store = SeaweedFS(
-        home / "storage",
+    store = kind(
+        home / directory,
         credentials=operator,
         service_credentials=service,
         bucket=settings.s3_bucket,
         s3_port=settings.s3_port or None,
     )
+    return home, service, store
+
+
+async def _run(settings: Settings) -> None:
+    home, service, store = _prepare(settings, SeaweedFS, "storage")
     await asyncio.to_thread(store.start)
     try:
         await asyncio.to_thread(store.ensure_bucket)
@@ -177,17 +188,7 @@ def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
 def _run_replicas(settings: Settings, replicas: int) -> None:
     """N replicas behind HAProxy, a SeaweedFS cluster, PostgreSQL; until Ctrl-C or SIGTERM."""
     _ensure_haproxy()
-    home = settings.home.resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    os.chmod(home, 0o700)
-    operator, service = _service_credentials(home)
-    store = SeaweedCluster(
-        home / "storage-cluster",
-        credentials=operator,
-        service_credentials=service,
-        bucket=settings.s3_bucket,
-        s3_port=settings.s3_port or None,
-    )
+    home, service, store = _prepare(settings, SeaweedCluster, "storage-cluster")
     extra = {
         k: v
         for k, v in os.environ.items()

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from exchange import auditverify
 from exchange.cli import main
+from exchange.cli.audit import _monitor_line
 from tests.audit.test_cli import _cli, _wait_for_checkpoint
 from tests.conftest import Served
 
@@ -55,3 +56,19 @@ def test_monitor_help_lists_its_alerts() -> None:
     for code in ("15  fork", "17  rollback", "18  gap", "--interval", "--once"):
         assert code in helped.output
     assert auditverify.EXIT_CODES["rollback"] == 17 and auditverify.EXIT_CODES["gap"] == 18
+
+
+def test_the_monitor_shows_what_the_watched_log_says_inert() -> None:
+    """The monitor distrusts the log's operator: an action or origin carrying terminal escapes or
+    line breaks is shown escaped, on one line."""
+    report = auditverify.Report(
+        origin="evil\x1b]0;pwned\x07.example/audit",
+        size=12,
+        root="",
+        witnesses=[],
+        previous_size=10,
+        entries=2,
+    )
+    line = _monitor_line(report, {"link.session\x1b[2J": 1, "x\nALERT: none": 1})
+    assert "\x1b" not in line and "\x07" not in line and "\n" not in line
+    assert "\\x1b[2J" in line and "x\\x0aALERT" in line
