@@ -23,7 +23,9 @@ ExchangeError
 │   │   ├── ManifestError           an artifact manifest that does not parse or whose signature
 │   │   │                           fails (code manifest-signature): the uploader's fault on upload
 │   │   ├── NoteError               a signed note or checkpoint that does not parse or verify
-│   │   └── ProofError              a Merkle inclusion or consistency proof that does not verify
+│   │   ├── ProofError              a Merkle inclusion or consistency proof that does not verify
+│   │   └── KeyRotationError        (format/keyrotation.py) a key-rotation proof that cannot be
+│   │                               built or does not verify; `reason` says which
 │   └── AddCheckpointError        (witness.py) an add-checkpoint request a witness refuses: the
 │       │                         submitting log's fault; malformed (400). Answered in plain
 │       │                         text, as c2sp.org/tlog-witness says, not problem+json

@@ -1,9 +1,11 @@
 # Sourced by scripts/test: the Debian packages the tests use, installed when missing and possible.
 # `age` is the reference implementation our age format is checked against; `haproxy` is the
-# reverse proxy in front of the replicas of tests/test_replicas.py and `scripts/run --replicas`.
+# reverse proxy in front of the replicas of tests/test_replicas.py and `scripts/run --replicas`;
+# `chromium` is the browser the web pages are tested in (tests/browser/, through Playwright).
 need=()
 command -v age >/dev/null 2>&1 || need+=(age)
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+[ -x /usr/bin/chromium ] || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing Debian packages: ${need[*]}" >&2

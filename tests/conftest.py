@@ -294,7 +294,9 @@ class Served:
     def enrol(self, role: str, org: str, name: str, identity: Path) -> None:
         """Enrol `name` (a new identity file) as `role` of `org` through the CLI, as people do;
         the organisation is made first if it is new."""
-        if org not in self.run("--json", "org", "ls", identity=self.admin).stdout:
+        if org not in {
+            o["name"] for o in json.loads(self.run("--json", "org", "ls", identity=self.admin).stdout)
+        }:
             self.run("org", "create", org, identity=self.admin)
         invite = self.run("--json", "invite", "--role", role, "--org", org, identity=self.admin)
         assert invite.returncode == 0, invite.stderr

@@ -64,6 +64,7 @@ EXIT_CODES_BEFORE = {
     "PayloadTooLarge": 2,
     "PermissionDenied": 4,
     "ProofError": 8,
+    "KeyRotationError": 8,  # new with key rotation (issue 18): a FormatError like its siblings
     "RangeNotSatisfiable": 2,
     "RateLimited": 2,
     "ReplayedNonce": 3,

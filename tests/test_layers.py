@@ -36,6 +36,7 @@ FLOORS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
             "exchange.durations",
             "exchange.sizes",
             "exchange.redaction",
+            "exchange.text",
         ),
         (),
     ),
@@ -62,7 +63,9 @@ FLOORS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "dev": (("exchange.dev",), ("server", "api", "services", "base", "format")),
     # The SDK: the other side of the wire, never the server's code.
     "client": (("exchange.client",), ("base", "format")),
-    "cli": (("exchange.cli",), ("client", "server", "api", "services", "base", "format")),
+    # The auditors' console: a local server on the SDK's side of the wire.
+    "console": (("exchange.console",), ("client", "base", "format")),
+    "cli": (("exchange.cli",), ("console", "client", "server", "api", "services", "base", "format")),
 }
 
 

@@ -36,12 +36,13 @@ from . import (
     health,
     links,
     metrics,
+    pages,
     principals,
     refusals,
     tiles,
     uploadlinks,
 )
-from .auth import authenticate
+from .auth import authenticate, require_active
 from .keys import AUDIT, CLOCK, OPENAPI, SETTINGS, VALIDATORS
 from .lifetime import lifetime
 from .openapi import build_document
@@ -58,7 +59,7 @@ log = logging.getLogger("exchange.api")
 access_log = logging.getLogger("exchange.access")
 
 #: The API, by subject. Each module has ROUTES and schemas(settings); adding one here is all it takes.
-MODULES = (health, principals, audit, artifacts, links, uploadlinks, findings, auditproofs, tiles)
+MODULES = (health, principals, audit, artifacts, links, uploadlinks, findings, auditproofs, tiles, pages)
 ROUTES: list[Route] = [route for module in MODULES for route in module.ROUTES]
 
 
@@ -192,16 +193,20 @@ async def _handle(request: web.Request, handler: Handler, route: Route | None) -
         await refusals.gate(request, route)  # before the body, the signature and the database
         if route is None:
             response = await handler(request)  # aiohttp's own 404/405 handlers
+        elif route.page is not None and pages.wants_page(request):
+            request[ROUTE] = route
+            response = await route.page(request)  # a browser's help page, instead of a 401
         else:
             request[ROUTE] = route
             body = await _read_body(request, app[SETTINGS].max_body_bytes)
             if route.auth == "signature":
                 principal = await authenticate(request)
                 request[PRINCIPAL] = principal
-                refusals.signed_from(request, principal.key_id)
                 request[CTX] = ctx = Context(
                     actor=principal.actor, ip=ctx.ip, user_agent=ctx.user_agent, request_id=ctx.request_id
                 )
+                require_active(principal)
+                refusals.signed_from(request, principal.key_id)
             if route.body:
                 parsed = parse_json_object(body, request.content_type)
                 app[VALIDATORS][route.body].validate(parsed)

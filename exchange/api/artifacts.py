@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Any
 
 from aiohttp import web
@@ -16,7 +17,7 @@ from aiohttp import web
 from ..errors import DependencyError, ValidationError
 from ..format.manifest import KINDS, MANIFEST_TYPE, MAX_PARTS, check_path
 from ..services import artifacts as svc
-from ..services import findings, records, uploadlinks, uploads
+from ..services import deletion, downloads, findings, records, uploadlinks, uploads
 from ..settings import Settings
 from .keys import AUDIT, CLOCK, DB, SETTINGS, STORAGE
 from .routing import (
@@ -37,7 +38,7 @@ __all__ = ["ROUTES", "schemas", "sweep_forever", "sweep_once"]
 
 log = logging.getLogger("exchange.api")
 
-_STATUSES = ("uploading", "complete", "aborted")
+_STATUSES = ("uploading", "complete", "aborted", "deleted")
 
 
 def _limits(settings: Settings) -> uploads.Limits:
@@ -148,6 +149,21 @@ async def abort_upload(request: web.Request) -> web.Response:
     return web.json_response(artifact.to_json())
 
 
+async def delete_artifact(request: web.Request) -> web.Response:
+    app = request.app
+    artifact = await deletion.delete_artifact(
+        app[DB],
+        app[STORAGE],
+        app[AUDIT],
+        request[CTX],
+        request[PRINCIPAL],
+        request.match_info["id"],
+        reason=request[BODY].get("reason"),
+        now_ms=app[CLOCK](),
+    )
+    return web.json_response(artifact.to_json())
+
+
 async def part_urls(request: web.Request) -> web.Response:
     app = request.app
     settings = app[SETTINGS]
@@ -241,7 +257,7 @@ async def download(request: web.Request) -> web.Response:
     app = request.app
     settings = app[SETTINGS]
     now = app[CLOCK]()
-    artifact, files, digests, urls = await svc.download_urls(
+    artifact, files, digests, urls, session = await svc.download_urls(
         app[DB],
         app[STORAGE],
         app[AUDIT],
@@ -250,14 +266,41 @@ async def download(request: web.Request) -> web.Response:
         request.match_info["id"],
         ttl_s=settings.presign_ttl_s,
         now_ms=now,
+        session=_session_param(request),
     )
     data = _detail(artifact, files)
+    data["session"] = session
     for entry, f in zip(data["files"], files, strict=True):
         entry["url"] = urls[f.idx]
         entry["part_sha256"] = [b64encode(digests[f.idx][n]) for n in range(1, f.part_count + 1)]
     data["expires_at_ms"] = now + settings.presign_ttl_s * 1000
     data["expires_in_s"] = settings.presign_ttl_s
     return web.json_response(data)
+
+
+def _session_param(request: web.Request) -> str | None:
+    session = request.query.get("session")
+    if session is not None and not _SESSION_ID.fullmatch(session):
+        raise ValidationError("query parameter 'session' is not a session id", field="session")
+    return session
+
+
+_SESSION_ID = re.compile(r"ses_[0-9a-f]{20}")
+
+
+async def download_receipt(request: web.Request) -> web.Response:
+    app, body = request.app, request[BODY]
+    recorded = await downloads.record_receipt(
+        app[DB],
+        app[AUDIT],
+        request[CTX],
+        request[PRINCIPAL],
+        request.match_info["id"],
+        session=body["session"],
+        signature=b64decode_field(body["signature"], "signature"),
+        now_ms=app[CLOCK](),
+    )
+    return web.json_response(recorded, status=201)
 
 
 _ID = (path_param("id", "artifact id"),)
@@ -313,6 +356,20 @@ ROUTES = [
     ),
     Route(
         "POST",
+        "/v1/artifacts/{id}/delete",
+        delete_artifact,
+        "artifact.delete",
+        "Delete a complete artifact: its stored objects removed, its records and events kept as a"
+        " tombstone, its links dead (developers of its organisation, admins). Again, on one whose"
+        " objects remain, finishes removing them",
+        "artifacts",
+        body="ArtifactDelete",
+        response="Artifact",
+        parameters=_ID,
+        errors=(403, 404, 409),
+    ),
+    Route(
+        "POST",
         "/v1/artifacts/{id}/parts",
         part_urls,
         "artifact.parts",
@@ -362,10 +419,28 @@ ROUTES = [
         "/v1/artifacts/{id}/download",
         download,
         "artifact.download",
-        "Presigned GETs for the artifact's files, with their part digests (recipients)",
+        "Presigned GETs for the artifact's files, with their part digests (recipients), in a"
+        " download session: opened (and counted against a grant that bounds its downloads), or,"
+        " with `session`, renewed without counting",
         "artifacts",
         response="ArtifactDownload",
+        parameters=(
+            *_ID,
+            query_param("session", "renew this download session's URLs (not counted)", {"type": "string"}),
+        ),
+        errors=(403, 404, 409),
+    ),
+    Route(
+        "POST",
+        "/v1/artifacts/{id}/receipt",
+        download_receipt,
+        "artifact.download.receipt",
+        "The downloader's signed receipt of a download session by id (format.receipt, `via grant`)",
+        "artifacts",
+        body="DownloadReceipt",
+        response="DownloadReceiptRecorded",
         parameters=_ID,
+        status=201,
         errors=(403, 404, 409),
     ),
 ]
@@ -391,6 +466,15 @@ def schemas(settings: Settings) -> dict[str, Schema]:
         "size": {"type": "integer", "description": "plaintext bytes over all files"},
     }
     artifact_required = list(artifact_props)
+    artifact_props["deleted"] = obj(
+        {
+            "at_ms": INT,
+            "by": {"type": ["string", "null"]},
+            "reason": {"type": ["string", "null"]},
+            "storage_purged": {"type": "boolean", "description": "false while its objects still wait to go"},
+        },
+        ["at_ms", "by", "reason", "storage_purged"],
+    )
     file_props: dict[str, Schema] = {
         "index": INT,
         "path": STR,
@@ -418,6 +502,17 @@ def schemas(settings: Settings) -> dict[str, Schema]:
         [*file_props, "url", "part_sha256"],
     )
     return {
+        "ArtifactDelete": obj(
+            {
+                "reason": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": 500,
+                    "description": "why, for the log",
+                }
+            },
+            [],
+        ),
         "Artifact": obj(artifact_props, artifact_required),
         "ArtifactDetail": obj(detail_props, [*artifact_required, "files"]),
         "ArtifactList": obj(
@@ -433,8 +528,44 @@ def schemas(settings: Settings) -> dict[str, Schema]:
                 "files": {"type": "array", "items": download_file},
                 "expires_at_ms": INT,
                 "expires_in_s": {"type": "integer", "description": "URL lifetime; ask again before it ends"},
+                "session": {
+                    "type": "string",
+                    "description": "the download session: renew with it, sign its receipt",
+                },
             },
-            [*artifact_required, "files", "manifest", "manifest_signature", "expires_at_ms", "expires_in_s"],
+            [
+                *artifact_required,
+                "files",
+                "manifest",
+                "manifest_signature",
+                "expires_at_ms",
+                "expires_in_s",
+                "session",
+            ],
+        ),
+        "DownloadReceipt": obj(
+            {
+                "session": {"type": "string", "pattern": r"^ses_[0-9a-f]{20}$"},
+                "signature": {
+                    "type": "string",
+                    "pattern": r"^[A-Za-z0-9+/]{86}==$",
+                    "x-pattern-hint": "an Ed25519 signature in base64 (64 bytes)",
+                },
+            },
+            ["session", "signature"],
+        ),
+        "DownloadReceiptRecorded": obj(
+            {
+                "artifact": STR,
+                "received_at_ms": INT,
+                "via": STR,
+                "session": STR,
+                "recipient": STR,
+                "recipient_key_id": STR,
+                "manifest_sha256": STR,
+                "signature": STR,
+            },
+            ["artifact", "received_at_ms", "session", "recipient", "manifest_sha256", "signature"],
         ),
         "ArtifactHeader": obj(
             {"artifact": STR, "header": {"type": "string", "description": "age header, base64"}},
@@ -571,14 +702,16 @@ def schemas(settings: Settings) -> dict[str, Schema]:
 
 
 async def sweep_once(app: web.Application) -> list[str]:
+    """Abort abandoned uploads and finish purging deleted artifacts; the ids of either."""
     settings = app[SETTINGS]
-    return await uploads.sweep_abandoned(
+    aborted = await uploads.sweep_abandoned(
         app[DB],
         app[STORAGE],
         app[AUDIT],
         now_ms=app[CLOCK](),
         abandon_after_s=settings.upload_abandon_after_s,
     )
+    return aborted + await deletion.purge_pending(app[DB], app[STORAGE], app[AUDIT], now_ms=app[CLOCK]())
 
 
 async def sweep_forever(app: web.Application) -> None:

@@ -44,6 +44,7 @@ from ..errors import (
     DigestMismatch,
     InputError,
     MissingSignature,
+    PermissionDenied,
     UnknownKey,
 )
 from ..services import nonces
@@ -193,18 +194,30 @@ async def _verify(
 
 
 async def authenticate(request: web.Request) -> Principal:
-    """The active principal whose registered key signed this request."""
+    """The principal whose registered key signed this request, active or not: the caller
+    refuses a disabled one with `require_active` once the request's context names it, so that
+    its refusal in the log says who tried. The status is read from the shared database on every
+    request, so a disable holds on every replica at once."""
     found: list[Principal] = []
 
     async def resolve(key_id: str) -> bytes | None:
         principal = await principal_by_key_id(request.app[DB], key_id)
-        if principal is None or principal.status != "active":
+        if principal is None:
             return None
         found.append(principal)
         return principal.signing_public_key
 
     await _verify(request, resolve)
     return found[0]
+
+
+def require_active(principal: Principal) -> None:
+    """Refuse a disabled principal's (verified) request: 403 `principal-disabled`."""
+    if principal.status != "active":
+        raise PermissionDenied(
+            f"{principal.name} is disabled: an admin can re-enable it (`exchange principals enable`)",
+            code="principal-disabled",
+        )
 
 
 async def authenticate_with_key(request: web.Request, key_id: str, public_key: bytes) -> SignedRequest:

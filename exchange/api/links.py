@@ -9,19 +9,16 @@ redemption's own transaction, since a refused redemption must still cost its tok
 parsed strictly before anything is looked up, and every refusal answered here — a uniform
 `link-unavailable` for any state of a token — is accounted for in the log (`api/refusals.py`)
 with the precise reason, the source IP and the user agent, naming the link's id when the token
-matched one; never the token. The link's page prints commands that no uploader's name reaches.
+matched one; never the token. The link's page (`api/pages.py`) prints commands that no
+uploader's name reaches.
 """
 
 from __future__ import annotations
 
-import html
 import json
-import re
 import shlex
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import quote
 
 from aiohttp import web
 
@@ -31,7 +28,7 @@ from ..services import grants as grants_svc
 from ..services import links as svc
 from ..services import tokens
 from ..settings import Settings
-from . import refusals
+from . import pages, refusals
 from .keys import AUDIT, CLOCK, DB, SETTINGS, STORAGE
 from .metrics import METRICS
 from .problems import from_exchange_error, problem_response
@@ -46,14 +43,6 @@ IP_BUCKETS = web.AppKey("redeem_ip_buckets", SharedBuckets)
 LINK_BUCKETS = web.AppKey("redeem_link_buckets", SharedBuckets)
 PROOF_KEYS = web.AppKey("link_proof_keys", svc.ProofKeys)
 
-_HTML_HEADERS = {
-    "Content-Security-Policy": (
-        "default-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-    ),
-    "Referrer-Policy": "no-referrer",
-    "X-Content-Type-Options": "nosniff",
-    "Cache-Control": "no-store",
-}
 #: Redemption answers carry the capability in their URLs: never cached, never sent on as a referrer.
 _NO_STORE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
 
@@ -103,6 +92,7 @@ async def create_grant(request: web.Request) -> web.Response:
         header=b64decode_field(body["header"], "header"),
         expires_at_ms=None if until is None else now + int(until) * 1000,
         now_ms=now,
+        max_downloads=body.get("max_downloads"),
     )
     return web.json_response(grant.to_json(), status=201)
 
@@ -220,11 +210,6 @@ def _file_summary(r: svc.Redemption) -> list[dict[str, Any]]:
     ]
 
 
-def _wants_html(request: web.Request) -> bool:
-    accept = request.headers.get("Accept", "")
-    return "text/html" in accept and "application/json" not in accept
-
-
 def _credential(request: web.Request, body: dict[str, Any] | None = None) -> svc.Credential:
     source = body if body is not None else request.query
     proof, session = source.get("proof"), source.get("session")
@@ -235,8 +220,9 @@ def _credential(request: web.Request, body: dict[str, Any] | None = None) -> svc
 
 async def _view(request: web.Request, token_hash: bytes) -> web.StreamResponse:
     app = request.app
-    html_page = _wants_html(request)
-    r = await svc.view(app[DB], app[AUDIT], request[CTX], token_hash, app[CLOCK](), html=html_page)
+    html_page = pages.wants_html(request)
+    now = app[CLOCK]()
+    r = await svc.view(app[DB], app[AUDIT], request[CTX], token_hash, now, html=html_page)
     base = link_url(app[SETTINGS], request.match_info["token"])
     data = {
         "link": r.link.id,
@@ -253,17 +239,9 @@ async def _view(request: web.Request, token_hash: bytes) -> web.StreamResponse:
         "commands": fetch_commands(base, [f.idx for f in r.files]),
     }
     if html_page:
-        return web.Response(text=_page(data), content_type="text/html", headers=_HTML_HEADERS)
+        text = pages.link_page(data, recipient_org=r.link.recipient.org_name, now_ms=now)
+        return web.Response(text=text, content_type="text/html", headers=pages.PAGE_HEADERS)
     return web.json_response(data, headers=_NO_STORE)
-
-
-def _utc(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-#: What a URL put into a printed command may hold: nothing a shell gives a meaning to inside
-#: single or double quotes (no quote, `$`, backquote, backslash or `!`), no space, no control.
-_INERT_URL = re.compile(r"https?://[A-Za-z0-9.:\[\]%/_~-]+")
 
 
 def fetch_commands(base: str, indices: list[int], key_file: str = "key.txt") -> dict[str, Any]:
@@ -275,9 +253,7 @@ def fetch_commands(base: str, indices: list[int], key_file: str = "key.txt") -> 
     characters); the curl commands write `file-N`, names the recipient's side chose, and the page
     shows which path each N is. One proof (the challenge, decrypted) opens one counted session, and
     every command carries it, so a whole artifact is one download however many files it has."""
-    url = quote(base, safe=":/[]")
-    if not _INERT_URL.fullmatch(url):
-        raise ValueError("the link URL has characters a shell would interpret")
+    url = pages.inert_url(base)
     key = shlex.quote(key_file)
     proof = f"P=\"$(curl -sfS '{url}/challenge' | age -d -i {key})\""
     files = [
@@ -286,32 +262,6 @@ def fetch_commands(base: str, indices: list[int], key_file: str = "key.txt") -> 
         for i in indices
     ]
     return {"exchange": f"exchange download '{url}' -o DIR", "curl": [proof, *files]}
-
-
-def _page(data: dict[str, Any]) -> str:
-    e = html.escape
-    a = data["artifact"]
-    rows = "\n".join(
-        f"<tr><td>file-{f['index']}</td><td>{e(f['path'])}</td><td>{f['size']}</td></tr>"
-        for f in data["files"]
-    )
-    commands = data["commands"]
-    limit = "no limit" if data["max_downloads"] is None else f"{data['downloads']} of {data['max_downloads']}"
-    return (
-        "<!doctype html>\n<html lang=en><meta charset=utf-8><title>"
-        f"{e(a['name'])} — exchange</title>\n<h1>{e(a['name'])}</h1>\n"
-        f"<p>{e(a['kind'])} from {e(a['org'])}, {a['size']} bytes in {a['file_count']} file(s), for"
-        f" {e(data['recipient'])}. Expires {_utc(data['expires_at_ms'])};"
-        f" downloads used: {e(limit)}.</p>\n"
-        "<table><tr><th>saved as</th><th>path</th><th>bytes</th></tr>\n"
-        f"{rows}\n</table>\n<p>The files are encrypted for the recipient alone. With exchange"
-        " (it verifies the uploader's signature and writes the real names):</p>\n"
-        f"<pre>{e(commands['exchange'])}</pre>\n"
-        "<p>With nothing but curl and age, and the recipient's age identity in key.txt"
-        " (<code>exchange identity --age-secret --out key.txt</code>): the first line proves you hold"
-        " the key and opens one download session; each further line fetches one file into"
-        " file-N.</p>\n<pre>" + e("\n".join(commands["curl"])) + "</pre>\n</html>\n"
-    )
 
 
 async def _challenge(request: web.Request, token_hash: bytes) -> web.StreamResponse:
@@ -581,6 +531,12 @@ def schemas(settings: Settings) -> dict[str, Schema]:
         "created_at_ms": INT,
         "expires_at_ms": opt_int,
         "revoked_at_ms": opt_int,
+        "max_downloads": {**opt_int, "description": "downloads by id this grant gives (null: no limit)"},
+        "downloads": {"type": "integer", "description": "download sessions it has opened"},
+        "needs_regrant": {
+            "type": "boolean",
+            "description": "active, but the grantee re-enrolled with new keys: its uploader grants again",
+        },
     }
     grant = obj(grant_props | {"links_revoked": INT}, list(grant_props))
     link_props: dict[str, Schema] = {
@@ -604,6 +560,12 @@ def schemas(settings: Settings) -> dict[str, Schema]:
                 "principal": name_schema(settings),
                 "header": {"type": "string", "minLength": 1, "maxLength": 4096},
                 "expires_in_s": {"type": "integer", "minimum": 1, "maximum": 100 * 365 * 86400},
+                "max_downloads": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": 1_000_000,
+                    "description": "bound the downloads by id (each a counted session); none: no limit",
+                },
             },
             ["principal", "header"],
         ),

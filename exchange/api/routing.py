@@ -3,7 +3,8 @@ document are both built.
 
 Authentication is on by default: a route that needs no signature says `auth="none"`, and the
 one route that verifies a signature against a key carried in its own body (enrolment) says
-`auth="self"` and calls the verifier itself.
+`auth="self"` and calls the verifier itself. A signed route a person may open in a browser (an
+upload link) names a `page` for a browser that signs nothing.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ class Route:
     errors: tuple[int, ...] = ()
     #: Audit action name for refusals of this route (and for its own events, by convention).
     action: str = ""
+    #: What a browser that signs nothing is shown instead of a 401 (`api.pages.wants_page`): a
+    #: help page saying what the URL is and how to use it. It runs unauthenticated, so it must
+    #: look nothing up.
+    page: Handler | None = None
 
     @property
     def audit_action(self) -> str:

@@ -5,6 +5,8 @@ service knows, so an upload link is never a bearer capability): it answers what 
 be — kind, maximum size, the recipients to encrypt to. Anyone else, and any token that is
 unknown, expired, revoked or spent, gets the one `link-unavailable` answer; the audit event keeps
 the precise reason. The upload itself is the ordinary `POST /v1/artifacts` with `upload_link`.
+A browser that opens the URL (asking for HTML, signing nothing) is shown a static help page
+instead of a 401: what an upload link is and the command that uses it (`api/pages.py`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from aiohttp import web
 from ..format.manifest import KINDS
 from ..services import uploadlinks as svc
 from ..settings import Settings
+from . import pages
 from .keys import AUDIT, CLOCK, DB, SETTINGS, STORAGE
 from .routing import BODY, CTX, PRINCIPAL, Route, page_limit, path_param, query_param
 from .schemas import INT, STR, Schema, name_schema, obj
@@ -87,6 +90,18 @@ async def view_upload_link(request: web.Request) -> web.Response:
     return web.json_response(data, headers=_NO_STORE)
 
 
+async def upload_link_page(request: web.Request) -> web.Response:
+    """What a browser that opens an upload link is shown (`Route.page`): what the link is and the
+    command that uses it. A static help page on purpose: the token is checked for its form (so
+    that the URL in the command is exactly one the service could have made) but not looked up —
+    no database work, no audit event, the same page for a live link as for a dead one, so that
+    opening a URL in a browser tells nobody anything about it."""
+    token = request.match_info["token"]
+    svc.parse_upload_token(token)  # pure: a malformed token gets the uniform 404
+    page = pages.upload_link_page(upload_link_url(request.app[SETTINGS], token))
+    return web.Response(text=page, content_type="text/html", headers=pages.PAGE_HEADERS)
+
+
 _LINK_STATES = ["active", "expired", "revoked", "used"]
 
 ROUTES = [
@@ -128,11 +143,13 @@ ROUTES = [
         "/u/{token}",
         view_upload_link,
         "upload_link.view",
-        "What an upload through this link must be (signed by its uploader): kind, size, recipients",
+        "What an upload through this link must be (signed by its uploader): kind, size, recipients."
+        " A browser that signs nothing gets an HTML page saying how to use the link instead",
         "upload-links",
         response="UploadLinkView",
         parameters=(path_param("token", "the upload link's token (exu1_…)"),),
         errors=(404,),
+        page=upload_link_page,
     ),
 ]
 

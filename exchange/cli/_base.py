@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 import unicodedata
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Sequence
@@ -28,6 +29,7 @@ from ..errors import (
     PermissionDenied,
 )
 from ..identity import Identity
+from ..text import printable as printable  # re-exported: the commands show names through it
 
 T = TypeVar("T")
 
@@ -65,9 +67,38 @@ def exit_code_for(exc: ExchangeError) -> int:
     return next((_EXIT_CODES[cls] for cls in type(exc).__mro__ if cls in _EXIT_CODES), EXIT_BUG)
 
 
-def default_identity_path() -> Path:
+def config_dir() -> Path:
+    """~/.config/exchange (or $XDG_CONFIG_HOME/exchange): the default profile's home."""
     base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "exchange" / "identity.json"
+    return Path(base) / "exchange"
+
+
+def default_identity_path() -> Path:
+    return config_dir() / "identity.json"
+
+
+#: A profile's name: it becomes a directory name, so nothing a path gives a meaning to.
+PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def profile_dir(name: str | None) -> Path:
+    """Where a profile keeps its identity file and audit state: ~/.config/exchange for the
+    default profile (none named), ~/.config/exchange/profiles/NAME for NAME."""
+    if name is None:
+        return config_dir()
+    if not PROFILE_NAME.fullmatch(name):
+        raise InputError(
+            f"{name!r} is not a profile name: 1 to 64 letters, digits and . _ -,"
+            " starting with a letter or digit"
+        )
+    return config_dir() / "profiles" / name
+
+
+def current_profile_dir() -> Path:
+    """The profile directory of the command being run (the default one outside a command)."""
+    ctx = click.get_current_context(silent=True)
+    opts = ctx.find_object(Options) if ctx is not None else None
+    return profile_dir(opts.profile if opts is not None else None)
 
 
 @dataclass
@@ -75,6 +106,7 @@ class Options:
     server: str | None
     identity_path: Path
     json: bool
+    profile: str | None = None
 
     def identity(self) -> Identity:
         return Identity.load(self.identity_path)
@@ -124,25 +156,6 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]], *, right: Co
             parts.append(pad + cell if i in right else cell if last else cell + pad)
         lines.append("  ".join(parts).rstrip())
     return "\n".join(lines)
-
-
-def printable(text: object) -> str:
-    """`text` safe for a terminal: every character that is not printable (controls, CR and LF,
-    ESC, C1, bidirectional overrides such as U+202E, zero-width and other format characters,
-    line separators) is shown as a Python-style escape, and a backslash as two, so that what is
-    shown reads back to exactly one string. Human output only: JSON output stays exact."""
-    out = []
-    for ch in str(text):
-        if ch == "\\":
-            out.append("\\\\")
-        elif ch.isprintable():
-            out.append(ch)
-        else:
-            code = ord(ch)
-            out.append(
-                f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
-            )
-    return "".join(out)
 
 
 def fail(exc: ExchangeError, *, as_json: bool) -> NoReturn:
@@ -210,10 +223,19 @@ pass_opts = click.make_pass_decorator(Options)
     show_default="~/.config/exchange/identity.json",
     help="Identity file with your private keys [env EXCHANGE_IDENTITY].",
 )
+@click.option(
+    "--profile",
+    envvar="EXCHANGE_PROFILE",
+    metavar="NAME",
+    help="Act as another of your identities: its identity file and audit state live in"
+    " ~/.config/exchange/profiles/NAME/ [env EXCHANGE_PROFILE]. `exchange profiles` lists them.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
 @click.version_option(package_name="exchange")
 @click.pass_context
-def main(ctx: click.Context, server: str | None, identity_path: Path, as_json: bool) -> None:
+def main(
+    ctx: click.Context, server: str | None, identity_path: Path, profile: str | None, as_json: bool
+) -> None:
     """Hand pre-release model artifacts to named testers, end-to-end encrypted, with a verifiable log.
 
     \b
@@ -222,4 +244,11 @@ def main(ctx: click.Context, server: str | None, identity_path: Path, as_json: b
       exchange enroll CODE --name NAME     register them with an invite from an admin
       exchange whoami                      check who the service thinks you are
     """
-    ctx.obj = Options(server=server, identity_path=identity_path, json=as_json)
+    if profile is not None:
+        if ctx.get_parameter_source("identity_path") is not click.core.ParameterSource.DEFAULT:
+            fail(InputError("--identity and --profile both name an identity file: give one"), as_json=as_json)
+        try:
+            identity_path = profile_dir(profile) / "identity.json"
+        except InputError as exc:
+            fail(exc, as_json=as_json)
+    ctx.obj = Options(server=server, identity_path=identity_path, json=as_json, profile=profile)

@@ -20,12 +20,24 @@ from ..client import Client
 from ..client import artifacts as api
 from ..client import links as links_api
 from ..client import uploadlinks as uploadlinks_api
-from ..client.transfer import download as download_artifact
+from ..client.transfer import download_with_receipt
 from ..client.transfer import upload as upload_artifact
-from ..errors import ValidationError
+from ..errors import InputError, ValidationError
 from ..format.manifest import KINDS
 from ..sizes import format_size
-from ._base import Options, fail, main, output, pass_opts, printable, run, table, when, with_client
+from ._base import (
+    EXIT_UNAVAILABLE,
+    Options,
+    fail,
+    main,
+    output,
+    pass_opts,
+    printable,
+    run,
+    table,
+    when,
+    with_client,
+)
 
 
 class _Bar:
@@ -167,19 +179,21 @@ def download(opts: Options, artifact_id: str, out_dir: Path) -> None:
     """Download, decrypt and verify ARTIFACT_ID, or what a link URL holds, into a directory.
 
     Files are written under DIR/NAME.exchange-partial/ and moved into place only once every file
-    matches the uploader's signed manifest. Run again to resume an interrupted download. Through
-    a link, the download ends with a receipt signed by your key, recorded in the audit log.
+    matches the uploader's signed manifest. Run again to resume an interrupted download: it
+    continues the same download session and is not counted again. Each download, by id or
+    through a link, is one session and ends with a receipt signed by your key, recorded in the
+    audit log; a grant with --max-downloads gives that many sessions (exit 4 once used up).
     """
     if "://" in artifact_id:
         _download_link(opts, artifact_id, out_dir)
         return
 
-    async def work() -> list[Path]:
+    async def work() -> tuple[list[Path], dict[str, Any]]:
         identity = opts.identity()
         out_dir.mkdir(parents=True, exist_ok=True)
         with _bar("download") as bar:
             async with Client(opts.server_url(identity), identity) as client:
-                return await download_artifact(
+                return await download_with_receipt(
                     client,
                     artifact_id,
                     out_dir,
@@ -187,10 +201,10 @@ def download(opts: Options, artifact_id: str, out_dir: Path) -> None:
                     on_start=lambda info, done: bar.start(int(info["size"]), done),
                 )
 
-    written = run(opts, work)
+    written, receipt = run(opts, work)
     output(
         opts,
-        {"id": artifact_id, "paths": [str(p) for p in written]},
+        {"id": artifact_id, "paths": [str(p) for p in written], "receipt": receipt},
         lambda: click.echo("\n".join(printable(p) for p in written)),
     )
 
@@ -201,7 +215,9 @@ def artifacts() -> None:
 
 
 @artifacts.command("ls")
-@click.option("--status", type=click.Choice(["uploading", "complete", "aborted"]), help="Only this status.")
+@click.option(
+    "--status", type=click.Choice(["uploading", "complete", "aborted", "deleted"]), help="Only this status."
+)
 @pass_opts
 def artifacts_ls(opts: Options, status: str | None) -> None:
     """List artifacts, newest first."""
@@ -245,12 +261,64 @@ def artifacts_abort(opts: Options, artifact_id: str) -> None:
     output(opts, a, lambda: click.echo(printable(f"aborted {a['id']} ({a['name']})")))
 
 
+@artifacts.command("delete")
+@click.argument("artifact_id")
+@click.option("--reason", help="Why, for the audit log (logged as given; at most 500 characters).")
+@click.option(
+    "--yes", "-y", is_flag=True, help="Do not ask for confirmation (needed when not on a terminal)."
+)
+@pass_opts
+def artifacts_delete(opts: Options, artifact_id: str, reason: str | None, yes: bool) -> None:
+    """Delete a complete artifact: its stored objects are removed for good.
+
+    \b
+    Kept: its records (name, files, sizes, signed manifest), its grants, links, sessions,
+    receipts and findings, and every event: `artifacts show` shows a tombstone (when, who, why).
+    From the moment it is deleted, its links are refused, downloads by id, new grants and new
+    links too, and URLs handed out before stop working once the objects are gone. Testers keep
+    what they already downloaded, and their findings about it are still accepted.
+    Developers of the artifact's organisation and admins may delete. An unfinished upload is
+    aborted instead (`exchange artifacts abort`).
+
+    \b
+    Exit codes: 0 deleted (and storage emptied); 7 deleted, but the store failed to remove the
+    objects: run the same command again (the service's sweeper retries too); 4 not yours to
+    delete; 5 no such artifact; 6 already deleted, or not complete.
+    """
+    if not yes:
+        if not sys.stdin.isatty():
+            fail(
+                InputError("deleting needs confirmation: pass --yes when not on a terminal"),
+                as_json=opts.json,
+            )
+        click.confirm(
+            f"Delete {printable(artifact_id)} and remove its stored objects for good?", abort=True, err=True
+        )
+    a = with_client(opts, lambda c: api.delete(c, artifact_id, reason=reason))
+    purged = a.get("deleted", {}).get("storage_purged", False)
+    output(
+        opts,
+        a,
+        lambda: click.echo(
+            printable(f"deleted {a['id']} ({a['name']})")
+            + ("" if purged else ": its stored objects remain; run this command again to remove them")
+        ),
+    )
+    if not purged:
+        sys.exit(EXIT_UNAVAILABLE)
+
+
 def _print_artifact(a: dict[str, Any]) -> None:
     # Names and paths are data: printable() escapes what a terminal would act on (CR, ESC, U+202E).
     click.echo(printable(f"{a['id']}  {a['name']}  ({a['kind']}, {a['status']})"))
     click.echo(printable(f"organisation:  {a['org']}"))
     click.echo(printable(f"uploaded by:   {a['created_by']} at {when(a['created_at_ms'])}"))
     click.echo(f"size:          {a['size']} bytes in {a['file_count']} file(s)")
+    gone = a.get("deleted")
+    if gone:
+        why = f": {gone['reason']}" if gone.get("reason") else ""
+        left = "" if gone["storage_purged"] else " (its stored objects still wait to be removed)"
+        click.echo(printable(f"DELETED:       at {when(gone['at_ms'])} by {gone['by']}{why}{left}"))
     manifest = a.get("manifest")
     sha = {f["path"]: f["sha256"] for f in manifest["files"]} if manifest else {}
     for f in a["files"]:

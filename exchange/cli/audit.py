@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import sys
 import tempfile
@@ -32,7 +31,20 @@ from ..client import Client
 from ..client.audit import AuditClient, events_csv
 from ..errors import ExchangeError, InputError, NoteError, ServiceUnreachable
 from ..format import tiles
-from ._base import EXIT_USAGE, Options, fail, main, output, pass_opts, printable, run, when, with_client
+from ._base import (
+    EXIT_USAGE,
+    Options,
+    current_profile_dir,
+    fail,
+    main,
+    output,
+    pass_opts,
+    printable,
+    run,
+    table,
+    when,
+    with_client,
+)
 
 _RELATIVE = re.compile(r"(\d+)([smhd])")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -57,8 +69,8 @@ def _time_ms(value: str | None, name: str) -> int | None:
 
 
 def default_state_dir() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "exchange" / "audit-state"
+    """The profile's audit state: ~/.config/exchange/audit-state, or under profiles/NAME/."""
+    return current_profile_dir() / "audit-state"
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -71,9 +83,22 @@ def _state_option(help_text: str) -> Callable[[F], F]:
         "state_dir",
         type=click.Path(file_okay=False, path_type=Path),
         default=default_state_dir,
-        show_default="~/.config/exchange/audit-state",
+        show_default="~/.config/exchange/audit-state, or the profile's",
         help=help_text,
     )
+
+
+def pin_options(f: F) -> F:
+    """`--vkey`, `--witness-vkey`, `--quorum`: the keys a verifying command pins on first use."""
+    f = click.option("--quorum", type=click.IntRange(0), help="Cosignatures required from those witnesses.")(
+        f
+    )
+    f = click.option(
+        "--witness-vkey", "witness_vkeys", multiple=True, help="A witness's cosigner key (repeatable)."
+    )(f)
+    return click.option(
+        "--vkey", "log_vkey", help="The log's verifier key, obtained out of band (pinned on first use)."
+    )(f)
 
 
 @main.group()
@@ -167,19 +192,33 @@ def query(
     elif fmt == "csv":
         events_csv(sys.stdout, (item["event"] for item in items))
     else:
-        click.echo(f"{'idx':>8}  {'time (UTC)':23}  {'action':24}  {'outcome':18}  actor")
-        for item in items:
-            e = item["event"]
-            result = e["outcome"]["result"] + (
-                f":{e['outcome']['reason']}" if e["outcome"].get("reason") else ""
-            )
-            who = e["actor"].get("name") or e["actor"]["type"]
-            click.echo(f"{e['idx']:>8}  {when(e['time_ms']):23}  {e['action']:24}  {result:18}  {who}")
+        if items:
+            click.echo(table(_EVENT_COLUMNS, [_event_row(item["event"]) for item in items], right={0}))
         click.echo(
             f"{len(items)} events, each verified in the signed log. A filtered query cannot prove "
             "completeness; a verified export can.",
             err=True,
         )
+
+
+_EVENT_COLUMNS = ("IDX", "TIME (UTC)", "ACTION", "OUTCOME", "ACTOR", "ORG", "RESOURCE")
+
+
+def _event_row(e: dict[str, Any]) -> list[object]:
+    """One event as the table's cells: every column its own, so none runs into the next."""
+    outcome = e["outcome"]["result"] + (f": {e['outcome']['reason']}" if e["outcome"].get("reason") else "")
+    actor = e.get("actor", {})
+    resource = e.get("resource") or {}
+    res = ":".join(str(resource[k]) for k in ("type", "id") if resource.get(k))
+    return [
+        e["idx"],
+        when(e["time_ms"]).removesuffix(" UTC"),
+        e["action"],
+        outcome,
+        actor.get("name") or actor.get("type", ""),
+        actor.get("org", ""),
+        res or "-",
+    ]
 
 
 @audit.command("checkpoint")
@@ -271,11 +310,7 @@ Exit codes:
     "fetch only the new tiles and entries.",
 )
 @_state_option("Where pinned keys and the last verified checkpoint live.")
-@click.option(
-    "--vkey", "log_vkey", help="The log's verifier key, obtained out of band (pinned on first use)."
-)
-@click.option("--witness-vkey", "witness_vkeys", multiple=True, help="A witness's cosigner key (repeatable).")
-@click.option("--quorum", type=click.IntRange(0), help="Cosignatures required from those witnesses.")
+@pin_options
 @pass_opts
 def verify(
     opts: Options,

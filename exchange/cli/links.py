@@ -35,17 +35,30 @@ def _duration(opts: Options, text: str | None, what: str) -> int | None:
 @click.option(
     "--until", "until", metavar="DURATION", help="End the grant after this long (90s, 15m, 24h, 7d)."
 )
+@click.option(
+    "--max-downloads",
+    type=click.IntRange(1, 1_000_000),
+    help="Downloads by id this grant gives (each a counted session; resuming one is not counted)."
+    " Default: no limit.",
+)
 @pass_opts
-def grant(opts: Options, artifact_id: str, principal: str, until: str | None) -> None:
+def grant(
+    opts: Options, artifact_id: str, principal: str, until: str | None, max_downloads: int | None
+) -> None:
     """Grant ARTIFACT_ID to the tester PRINCIPAL.
 
     Your client unwraps the file key with your key and wraps it for PRINCIPAL's registered age
-    recipient; the service only ever sees the wrapped key.
+    recipient; the service only ever sees the wrapped key. Granting again renews the grant, and
+    its download count starts over.
     """
     seconds = _duration(opts, until, "--until")
-    g = with_client(opts, lambda c: api.grant(c, artifact_id, principal, expires_in_s=seconds))
+    g = with_client(
+        opts,
+        lambda c: api.grant(c, artifact_id, principal, expires_in_s=seconds, max_downloads=max_downloads),
+    )
     ends = "no end" if g["expires_at_ms"] is None else f"until {when(g['expires_at_ms'])}"
-    output(opts, g, lambda: click.echo(f"granted {artifact_id} to {principal} ({ends})"))
+    limit = "" if g["max_downloads"] is None else f", {g['max_downloads']} download(s)"
+    output(opts, g, lambda: click.echo(f"granted {artifact_id} to {principal} ({ends}{limit})"))
 
 
 @main.command()
@@ -154,7 +167,12 @@ def _grant_row(g: dict[str, Any]) -> str:
         state = f"until {when(g['expires_at_ms'])}"
     else:
         state = "no end"
-    return f"{g['principal']}\tgranted {when(g['created_at_ms'])} by {g['granted_by']}\t{state}"
+    if g.get("needs_regrant"):
+        state += " (needs re-grant: the grantee has new keys)"
+    used = f"{g['downloads']} download(s)" + (
+        "" if g["max_downloads"] is None else f" of {g['max_downloads']}"
+    )
+    return f"{g['principal']}\tgranted {when(g['created_at_ms'])} by {g['granted_by']}\t{state}\t{used}"
 
 
 @main.group("upload-link")

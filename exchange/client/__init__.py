@@ -8,7 +8,10 @@ service's problem `code` and `detail`; a service that cannot be reached becomes
 
 from __future__ import annotations
 
+import base64
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote
@@ -17,6 +20,7 @@ import aiohttp
 from yarl import URL
 
 from ..errors import (
+    AgeError,
     AuthError,
     BodyTimeout,
     Conflict,
@@ -32,6 +36,8 @@ from ..errors import (
     UnsupportedMediaType,
     ValidationError,
 )
+from ..format import age
+from ..format.keyrotation import sign_rotation
 from ..identity import Identity
 from .signing import sign_headers
 
@@ -41,7 +47,17 @@ def segment(value: str) -> str:
     return quote(value, safe="")
 
 
-__all__ = ["Client", "ServiceUnreachable", "segment"]
+__all__ = ["Client", "Rewrapped", "ServiceUnreachable", "segment"]
+
+
+@dataclass
+class Rewrapped:
+    """What re-wrapping one's own headers did: the artifacts re-wrapped now, how many headers
+    the current age identity already opened, and those no identity given opens."""
+
+    rewrapped: list[str] = field(default_factory=list)
+    current: int = 0
+    unopenable: list[str] = field(default_factory=list)
 
 
 _BY_STATUS: dict[int, type[ExchangeError]] = {
@@ -190,6 +206,13 @@ class Client:
             body["expires_in_s"] = expires_in_s
         return await self.request("POST", "/v1/invites", json_body=body)  # type: ignore[no-any-return]
 
+    async def create_reenroll_invite(self, name: str, *, expires_in_s: int | None = None) -> dict[str, Any]:
+        """An invite that replaces the lost keys of principal `name` (admin)."""
+        body: dict[str, Any] = {} if expires_in_s is None else {"expires_in_s": expires_in_s}
+        return await self.request(  # type: ignore[no-any-return]
+            "POST", f"/v1/principals/{segment(name)}/reenroll-invite", json_body=body
+        )
+
     async def enroll(self, code: str, name: str, identity: Identity) -> dict[str, Any]:
         public = identity.public.to_json()
         body = {
@@ -218,6 +241,85 @@ class Client:
 
     async def get_principal(self, name: str) -> dict[str, Any]:
         return await self.request("GET", f"/v1/principals/{segment(name)}")  # type: ignore[no-any-return]
+
+    async def disable_principal(self, name: str, *, reason: str | None = None) -> dict[str, Any]:
+        """Offboard `name` (admin): its signatures are refused from now on; nothing it did is lost."""
+        body = {"reason": reason} if reason else {}
+        return await self.request("POST", f"/v1/principals/{segment(name)}/disable", json_body=body)  # type: ignore[no-any-return]
+
+    async def enable_principal(self, name: str, *, reason: str | None = None) -> dict[str, Any]:
+        """Re-enable a disabled principal (admin)."""
+        body = {"reason": reason} if reason else {}
+        return await self.request("POST", f"/v1/principals/{segment(name)}/enable", json_body=body)  # type: ignore[no-any-return]
+
+    async def rotate_keys(self, new: Identity) -> dict[str, Any]:
+        """Replace the client's (current) keys with `new`'s: the request is signed by the current
+        key, the body carries `new`'s proof that it holds the new signing key."""
+        if self.identity is None:
+            raise ValidationError("rotating keys needs the current identity")
+        me = await self.whoami()
+        public = new.public
+        proof = sign_rotation(
+            new.signing_key,
+            principal_id=me["id"],
+            old_key_id=self.identity.key_id,
+            new_key_id=public.key_id,
+            age_recipient=public.age_recipient,
+        )
+        body = {
+            "signing_public_key": public.to_json()["signing_public_key"],
+            "age_recipient": public.age_recipient,
+            "proof": base64.b64encode(proof).decode("ascii"),
+        }
+        return await self.request("POST", "/v1/principals/me/keys", json_body=body)  # type: ignore[no-any-return]
+
+    async def own_headers(self) -> list[dict[str, Any]]:
+        """Every age header stored for the caller (of artifacts neither aborted nor deleted)."""
+        items: list[dict[str, Any]] = []
+        cursor: str | None = None
+        while True:
+            page = await self.request(
+                "GET",
+                "/v1/principals/me/headers",
+                params={"cursor": cursor},  # type: ignore[dict-item]
+            )
+            items.extend(page["items"])
+            cursor = page["next_cursor"]
+            if not cursor:
+                return items
+
+    async def put_header(self, artifact_id: str, header: bytes) -> dict[str, Any]:
+        """Store `header` over the caller's own header of the artifact."""
+        body = {"header": base64.b64encode(header).decode("ascii")}
+        return await self.request("PUT", f"/v1/artifacts/{segment(artifact_id)}/header", json_body=body)  # type: ignore[no-any-return]
+
+    async def rewrap_own_headers(self, retired: Sequence[Identity]) -> Rewrapped:
+        """Re-wrap for the client's current age recipient every own header that only one of the
+        `retired` identities opens. Safe to run again: a header the current identity opens is
+        left alone, so an interrupted run resumes where it stopped."""
+        if self.identity is None:
+            raise ValidationError("re-wrapping needs the current identity")
+        current, old = [self.identity.age_identity], [i.age_identity for i in retired]
+        recipient = self.identity.public.age_recipient
+        done = Rewrapped()
+        for item in await self.own_headers():
+            raw = base64.b64decode(item["header"], validate=True)
+            try:
+                age.unwrap_file_key(raw, current)
+                done.current += 1
+                continue
+            except AgeError:
+                pass
+            try:
+                file_key = age.unwrap_file_key(raw, old) if old else None
+            except AgeError:
+                file_key = None
+            if file_key is None:
+                done.unopenable.append(item["artifact"])
+                continue
+            await self.put_header(item["artifact"], age.wrap_file_key(file_key, [recipient]).to_bytes())
+            done.rewrapped.append(item["artifact"])
+        return done
 
     async def health(self) -> dict[str, Any]:
         return await self.request("GET", "/readyz", signed=False)  # type: ignore[no-any-return]

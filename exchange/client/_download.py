@@ -70,13 +70,19 @@ class _DownloadFile:
 
 
 def _verified_manifest(info: dict[str, Any], uploader: dict[str, Any]) -> Manifest:
+    """The artifact's manifest, verified with the key it names, which must be one its uploader
+    holds or held (`previous_keys`: a manifest signed before a key rotation still verifies)."""
     manifest = Manifest.from_json(info.get("manifest"))
     signature = base64.b64decode(info.get("manifest_signature", ""), validate=True)
-    if manifest.uploader != uploader["key_id"]:
+    held = {uploader["key_id"]: uploader["signing_public_key"]} | {
+        k["key_id"]: k["signing_public_key"] for k in uploader.get("previous_keys") or ()
+    }
+    public_key = held.get(manifest.uploader)
+    if public_key is None:
         raise ManifestError(
             "the manifest names another signing key than its uploader's", code="manifest-signature"
         )
-    manifest.verify(signature, base64.b64decode(uploader["signing_public_key"]))
+    manifest.verify(signature, base64.b64decode(public_key))
     if manifest.artifact != info["id"] or manifest.name != info["name"]:
         raise ManifestError("the manifest is for another artifact", code="manifest-mismatch")
     return manifest
@@ -186,6 +192,10 @@ def _hash_range(h: Any, fd: int, start: int, end: int, where: str) -> None:
             h.update(view[offset : min(offset + 16 * _READ_BLOCK, end - base)])
 
 
+#: A download in progress remembers its session in DIR/<marker><suffix>, to resume uncounted.
+SESSION_SUFFIX = ".exchange-session"
+
+
 class _URLRefresher:
     """Presigned GETs live minutes; a download of hundreds of gigabytes outlives them. Before a
     part is fetched with a URL near its end, the service is asked for fresh ones (an audited
@@ -196,6 +206,7 @@ class _URLRefresher:
     def __init__(self, client: Client, info: dict[str, Any], files: Sequence[_DownloadFile]) -> None:
         self._client = client
         self._id = str(info["id"])
+        self._session: str | None = info.get("session")
         self._files = {f.entry.path: f for f in files}
         self._lock = asyncio.Lock()
         self._renew_at = time.monotonic() + max(0.0, float(info["expires_in_s"]) - self._MARGIN_S)
@@ -212,7 +223,8 @@ class _URLRefresher:
             self._renew_at = time.monotonic() + max(0.0, float(info["expires_in_s"]) - self._MARGIN_S)
 
     async def _fetch_info(self) -> dict[str, Any]:
-        return await api.download_info(self._client, self._id)
+        # The same session, renewed: a long download is one download, counted once.
+        return await api.download_info(self._client, self._id, session=self._session)
 
     def expire(self) -> None:
         """Storage refused a URL: renew before the next attempt."""

@@ -76,6 +76,13 @@ async def abort(client: Client, artifact_id: str) -> dict[str, Any]:
     return await client.request("DELETE", f"/v1/artifacts/{segment(artifact_id)}")  # type: ignore[no-any-return]
 
 
+async def delete(client: Client, artifact_id: str, *, reason: str | None = None) -> dict[str, Any]:
+    """Delete a complete artifact (its objects removed; its records, events and a tombstone kept).
+    The answer's `deleted.storage_purged` is false if the store failed: delete again to finish."""
+    body = {"reason": reason} if reason else {}
+    return await client.request("POST", f"/v1/artifacts/{segment(artifact_id)}/delete", json_body=body)  # type: ignore[no-any-return]
+
+
 async def part_urls(
     client: Client, artifact_id: str, parts: Sequence[tuple[int, int, bytes]]
 ) -> dict[str, Any]:
@@ -109,5 +116,14 @@ async def header(client: Client, artifact_id: str) -> bytes:
     return base64.b64decode(answer["header"])
 
 
-async def download_info(client: Client, artifact_id: str) -> dict[str, Any]:
-    return await client.request("GET", f"/v1/artifacts/{segment(artifact_id)}/download")  # type: ignore[no-any-return]
+async def download_info(client: Client, artifact_id: str, *, session: str | None = None) -> dict[str, Any]:
+    """Presigned GETs in a download session: a new one (counted against a grant that bounds its
+    downloads) or, with `session`, the same one renewed (not counted)."""
+    params = {"session": session} if session else None
+    return await client.request("GET", f"/v1/artifacts/{segment(artifact_id)}/download", params=params)  # type: ignore[no-any-return]
+
+
+async def send_receipt(client: Client, artifact_id: str, session: str, signature: bytes) -> dict[str, Any]:
+    """The downloader's signed receipt of a download session by id (`format.receipt`, via grant)."""
+    body = {"session": session, "signature": base64.b64encode(signature).decode()}
+    return await client.request("POST", f"/v1/artifacts/{segment(artifact_id)}/receipt", json_body=body)  # type: ignore[no-any-return]

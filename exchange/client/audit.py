@@ -4,7 +4,8 @@
 fetched is true; that is `exchange.auditverify`, which trusts none of it (an export bundle is
 checked offline, against the key the auditor pinned, never the copy the service sent along).
 `verified_query` fetches a query's pages with their proofs and has `auditverify` judge every
-row before handing it out; what fails is `AuditEventUnverified`, never a row. `follow` fetches
+row before handing it out; what fails is `AuditEventUnverified`, never a row (`verified_page`
+does the same for one page, for readers that page on their own). `follow` fetches
 the log's tlog-tiles (`/v1/audit/log/...`) that `auditverify.tiles_needed` names, one request
 each, for `auditverify.verify_tiles` to judge.
 """
@@ -16,7 +17,8 @@ import contextlib
 import csv
 import hashlib
 import json
-from collections.abc import AsyncIterator, Mapping
+import re
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from .. import auditverify
 from ..auditverify import BUNDLE_FILES, MANIFEST
 from ..errors import AuditEventUnverified, NotFound, ValidationError
 from ..format import tiles
+from ..format.checkpoint import Checkpoint
 from . import Client
 from ._csv import safe_cell
 from .auditproof import build_proof
@@ -44,6 +47,89 @@ def _unverified(exc: auditverify.VerifyFailure, idx: int | None = None) -> Excep
     if idx is None:
         return AuditEventUnverified(exc.message, check=exc.kind)
     return AuditEventUnverified(exc.message, check=exc.kind, idx=idx)
+
+
+#: The service's cursor, "<checkpoint size>.<idx of the last row returned>".
+_CURSOR = re.compile(r"([0-9]{1,19})\.([0-9]{1,19})")
+
+
+def _requested_size(filters: Mapping[str, str | int | None]) -> int | None:
+    size = filters.get("size")
+    return None if size is None else int(size)
+
+
+class _PageCheck:
+    """What `verified_query` and `verified_page` check of a query's pages, page by page.
+
+    `pin` takes the first page's checkpoint (signed by the pinned key and quorum, of the size it
+    claims or was asked for, consistent with the saved one: a consistency proof is fetched) and
+    holds every later page to the very same note; `rows` checks each row against it (in idx
+    order after `after`, a canonical event of the log matching the filters, its inclusion proof
+    leading to the root). Failures raise AuditEventUnverified (ValidationError for an unusable
+    pinned key). The state is only read.
+    """
+
+    def __init__(
+        self,
+        audit: AuditClient,
+        filters: Mapping[str, str | int | None],
+        state: auditverify.State,
+        *,
+        size: int | None,
+        after: int = -1,
+    ) -> None:
+        self.audit, self.filters, self.state, self.size = audit, filters, state, size
+        self.note: str | None = None
+        self.checkpoint: Checkpoint | None = None
+        self.last = after
+
+    async def pin(self, page: Mapping[str, Any]) -> None:
+        try:
+            if self.note is None:
+                note = page["checkpoint"]["note"]
+                checkpoint = auditverify.open_checkpoint(note.encode("utf-8"), self.state)
+                if page["checkpoint"]["size"] != checkpoint.size or (
+                    self.size is not None and self.size != checkpoint.size
+                ):
+                    raise auditverify.VerifyFailure(
+                        "signature", "the page's checkpoint is not of the size it claims or was asked for"
+                    )
+                sizes = auditverify.consistency_sizes(self.state, checkpoint)
+                proof = await self.audit.consistency_proof(*sizes) if sizes else []
+                auditverify.check_consistent(self.state, checkpoint, proof)
+                self.note, self.checkpoint = note, checkpoint
+            elif page["checkpoint"]["note"] != self.note:
+                raise auditverify.VerifyFailure(
+                    "signature", "the query's pages are pinned to different checkpoints"
+                )
+        except auditverify.VerifyFailure as exc:
+            raise _unverified(exc) from exc
+
+    def rows(self, page: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+        checkpoint = self.checkpoint
+        assert checkpoint is not None, "pin the page first"
+        earlier = [auditverify.vkey_name(v) for v in self.state.rotated_from]
+        for item in page["items"]:
+            idx = item.get("idx")
+            if not isinstance(idx, int) or isinstance(idx, bool) or idx <= self.last:
+                raise AuditEventUnverified(
+                    f"the service listed idx {idx!r} after idx {self.last}: rows out of order or repeated",
+                    check="entries",
+                )
+            try:
+                proof = _hashes(item.get("proof") or [])
+            except (ValueError, TypeError) as exc:  # not a list of base64 strings
+                raise AuditEventUnverified(
+                    f"event {idx}: its inclusion proof is malformed", check="proof", idx=idx
+                ) from exc
+            try:
+                event = auditverify.check_query_row(
+                    str(item.get("leaf")).encode("utf-8"), idx, proof, checkpoint, self.filters, earlier
+                )
+            except auditverify.VerifyFailure as exc:
+                raise _unverified(exc, idx) from exc
+            self.last = idx
+            yield item | {"event": event, "checkpoint": page["checkpoint"], "proof": item.get("proof")}
 
 
 class AuditClient:
@@ -102,21 +188,27 @@ class AuditClient:
                 yield item
 
     async def _pages(
-        self, filters: Mapping[str, str | int | None], *, limit: int | None, proofs: bool
+        self,
+        filters: Mapping[str, str | int | None],
+        *,
+        limit: int | None,
+        proofs: bool,
+        cursor: str | None = None,
+        one: bool = False,
     ) -> AsyncIterator[dict[str, Any]]:
+        """The query's pages from `cursor` on (the first page without one); only that page if `one`."""
         params = {k: str(v) for k, v in filters.items() if v is not None}
         if limit is not None:
             params["limit"] = str(limit)
         if proofs:
             params["proofs"] = "1"
-        cursor: str | None = None
         while True:
             page = await self.client.request(
                 "GET", "/v1/audit/events", params=params | ({"cursor": cursor} if cursor else {})
             )
             yield page
             cursor = page["next_cursor"]
-            if not cursor:
+            if not cursor or one:
                 return
 
     async def verified_query(
@@ -135,57 +227,42 @@ class AuditClient:
         first failure raises AuditEventUnverified (naming the idx), ValidationError if the
         pinned key itself is unusable. `state` is not changed.
         """
-        note: str | None = None
-        checkpoint = None
-        last = -1
+        check = _PageCheck(self, filters, state, size=_requested_size(filters))
         async for page in self._pages(filters, limit=limit, proofs=True):
-            try:
-                if note is None:
-                    note = page["checkpoint"]["note"]
-                    checkpoint = auditverify.open_checkpoint(note.encode("utf-8"), state)
-                    requested = filters.get("size")
-                    if page["checkpoint"]["size"] != checkpoint.size or (
-                        requested is not None and int(requested) != checkpoint.size
-                    ):
-                        raise auditverify.VerifyFailure(
-                            "signature", "the page's checkpoint is not of the size it claims or was asked for"
-                        )
-                    sizes = auditverify.consistency_sizes(state, checkpoint)
-                    proof = await self.consistency_proof(*sizes) if sizes else []
-                    auditverify.check_consistent(state, checkpoint, proof)
-                elif page["checkpoint"]["note"] != note:
-                    raise auditverify.VerifyFailure(
-                        "signature", "the query's pages are pinned to different checkpoints"
-                    )
-            except auditverify.VerifyFailure as exc:
-                raise _unverified(exc) from exc
-            assert checkpoint is not None
-            for item in page["items"]:
-                idx = item.get("idx")
-                if not isinstance(idx, int) or isinstance(idx, bool) or idx <= last:
-                    raise AuditEventUnverified(
-                        f"the service listed idx {idx!r} after idx {last}: rows out of order or repeated",
-                        check="entries",
-                    )
-                try:
-                    proof = _hashes(item.get("proof") or [])
-                except (ValueError, TypeError) as exc:  # not a list of base64 strings
-                    raise AuditEventUnverified(
-                        f"event {idx}: its inclusion proof is malformed", check="proof", idx=idx
-                    ) from exc
-                try:
-                    event = auditverify.check_query_row(
-                        str(item.get("leaf")).encode("utf-8"),
-                        idx,
-                        proof,
-                        checkpoint,
-                        filters,
-                        [auditverify.vkey_name(v) for v in state.rotated_from],
-                    )
-                except auditverify.VerifyFailure as exc:
-                    raise _unverified(exc, idx) from exc
-                last = idx
-                yield item | {"event": event, "checkpoint": page["checkpoint"], "proof": item.get("proof")}
+            await check.pin(page)
+            for item in check.rows(page):
+                yield item
+
+    async def verified_page(
+        self,
+        filters: Mapping[str, str | int | None],
+        state: auditverify.State,
+        *,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> dict[str, Any]:
+        """One page of `verified_query`: {"checkpoint", "items", "next_cursor"}, for a reader
+        that pages on its own (the auditors' console). Every row of the page is checked as
+        `verified_query` checks it, before any is returned. A `cursor` (the `next_cursor` of the
+        previous page, "SIZE.IDX") pins the page to that checkpoint size and to rows after that
+        idx; one that is not of that form is a ValidationError, sent nowhere."""
+        size, after = _requested_size(filters), -1
+        if cursor is not None:
+            match = _CURSOR.fullmatch(cursor)
+            if match is None:
+                raise ValidationError("the cursor is not one this service issued", field="cursor")
+            size, after = int(match.group(1)), int(match.group(2))
+        check = _PageCheck(self, filters, state, size=size, after=after)
+        async for page in self._pages(filters, limit=limit, proofs=True, cursor=cursor, one=True):
+            await check.pin(page)
+            items = list(check.rows(page))
+            next_cursor = page.get("next_cursor")
+            return {
+                "checkpoint": page["checkpoint"],
+                "items": items,
+                "next_cursor": next_cursor if isinstance(next_cursor, str) and next_cursor else None,
+            }
+        raise AssertionError("_pages yields at least one page")  # pragma: no cover
 
     async def export(self, out: Path, *, since_size: int = 0) -> dict[str, Any]:
         """Write an export bundle to `out`: every leaf of the latest checkpoint, with what checks it.

@@ -30,7 +30,7 @@ from ..format import age
 from ..format.receipt import receipt_message
 from . import Client, segment
 from . import artifacts as artifacts_api
-from ._download import _DownloadFile, _URLRefresher, _verified_manifest
+from ._download import SESSION_SUFFIX, _DownloadFile, _URLRefresher, _verified_manifest
 from .transfer import DEFAULT_CONCURRENCY, Progress, download_verified
 
 __all__ = [
@@ -51,8 +51,6 @@ __all__ = [
     "view_link",
 ]
 
-#: A link download in progress remembers its session in DIR/NAME<suffix>, to resume uncounted.
-SESSION_SUFFIX = ".exchange-session"
 _LINK_PATH = re.compile(r"(.*)/l/(exl1_[A-Za-z0-9_-]{43})/?")
 
 
@@ -60,9 +58,15 @@ _LINK_PATH = re.compile(r"(.*)/l/(exl1_[A-Za-z0-9_-]{43})/?")
 
 
 async def grant(
-    client: Client, artifact_id: str, principal: str, *, expires_in_s: int | None = None
+    client: Client,
+    artifact_id: str,
+    principal: str,
+    *,
+    expires_in_s: int | None = None,
+    max_downloads: int | None = None,
 ) -> dict[str, Any]:
-    """Wrap the artifact's file key for `principal` here, and post the header: a grant."""
+    """Wrap the artifact's file key for `principal` here, and post the header: a grant (of at
+    most `max_downloads` downloads by id, if given)."""
     identity = client.identity
     if identity is None:
         raise ValidationError("granting needs an identity (--identity)")
@@ -73,6 +77,8 @@ async def grant(
     body: dict[str, Any] = {"principal": principal, "header": base64.b64encode(header).decode()}
     if expires_in_s is not None:
         body["expires_in_s"] = expires_in_s
+    if max_downloads is not None:
+        body["max_downloads"] = max_downloads
     return await client.request(  # type: ignore[no-any-return]
         "POST", f"/v1/artifacts/{segment(artifact_id)}/grants", json_body=body
     )

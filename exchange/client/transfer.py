@@ -48,6 +48,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import re
 import shutil
 import stat
 from collections.abc import Callable, Sequence
@@ -61,6 +62,7 @@ from ..errors import (
     ManifestError,
     ValidationError,
 )
+from ..files import write_atomic
 from ..format import age
 from ..format.manifest import (
     FileEntry,
@@ -70,12 +72,16 @@ from ..format.manifest import (
     ciphertext_digest,
     part_ranges,
 )
+from ..format.receipt import receipt_message
 from . import Client
 from . import artifacts as api
-from ._download import _Download, _DownloadFile, _fsync_dir, _URLRefresher, _verified_manifest
+from ._download import SESSION_SUFFIX, _Download, _DownloadFile, _fsync_dir, _URLRefresher, _verified_manifest
 from ._parts import Progress, SourceFile, _no_progress
 from ._storage_http import StorageHTTP
 from ._upload import Destination, _b64d, _find_resumable, _link_destination, _start, _Upload, _UploadFile
+
+#: An artifact id is part of a file name here (the session marker): nothing a path gives a meaning to.
+_ARTIFACT_ID = re.compile(r"[A-Za-z0-9_]{1,64}")
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
@@ -84,6 +90,7 @@ __all__ = [
     "SourceFile",
     "collect",
     "download",
+    "download_with_receipt",
     "upload",
 ]
 
@@ -283,25 +290,96 @@ async def download(
     """Download, decrypt and verify an artifact into `out_dir`; return the top-level paths written.
 
     Files land at `out_dir/<path>` (a directory artifact's paths start with its directory name).
-    `on_start(info, bytes_already_done)` is called once the work is known.
+    `on_start(info, bytes_already_done)` is called once the work is known. The download is one
+    session, ended by a signed receipt (`download_with_receipt` returns it too).
     """
+    written, _ = await download_with_receipt(
+        client, artifact_id, out_dir, concurrency=concurrency, progress=progress, on_start=on_start
+    )
+    return written
+
+
+async def download_with_receipt(
+    client: Client,
+    artifact_id: str,
+    out_dir: Path,
+    *,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    progress: Progress | None = None,
+    on_start: Callable[[dict[str, Any], int], None] | None = None,
+) -> tuple[list[Path], dict[str, Any]]:
+    """`download`, returning the paths written and the receipt the service recorded.
+
+    The download opens a session (counted against the grant, if it bounds its downloads); one
+    interrupted and run again continues the same session, not counted again: its id waits in
+    `out_dir/.exchange-artifact-ID.exchange-session` until the receipt is recorded."""
     identity = client.identity
     if identity is None:
         raise ValidationError("downloading needs an identity (--identity)")
-    info = await api.download_info(client, artifact_id)
-    uploader = await client.get_principal(info["created_by"])
-    manifest = _verified_manifest(info, uploader)
+    if not _ARTIFACT_ID.fullmatch(artifact_id):
+        raise ValidationError(f"{artifact_id!r} is not an artifact id (art_…) or a link URL")
+    # Everything that would refuse the download is checked before its session opens (and counts):
+    # the uploader's signature, the file key (one's own header), the names and the destination.
+    detail = await api.get(client, artifact_id)
+    if detail["status"] != "complete":
+        await api.download_info(client, artifact_id)  # the service's refusal, and its event
+        raise IntegrityError(f"the service offers a download of a {detail['status']} artifact")
+    uploader = await client.get_principal(detail["created_by"])
+    manifest = _verified_manifest(detail, uploader)
     file_key = age.unwrap_file_key(await api.header(client, artifact_id), [identity.age_identity])
-    return await download_verified(
-        info,
-        manifest,
-        file_key,
-        out_dir,
-        lambda files: _URLRefresher(client, info, files),
-        concurrency=concurrency,
-        progress=progress,
-        on_start=on_start,
+    out_dir = Path(os.path.abspath(out_dir))
+    _check_destination(manifest, out_dir)
+    marker = out_dir / f".exchange-artifact-{artifact_id}{SESSION_SUFFIX}"
+    saved = marker.read_text().strip() if marker.is_file() else None
+    info = await api.download_info(client, artifact_id, session=saved)
+    if (info["manifest"], info["manifest_signature"]) != (detail["manifest"], detail["manifest_signature"]):
+        raise IntegrityError("the service answered with another manifest than a moment ago")
+    session = str(info["session"])
+    if saved is None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(marker, (session + "\n").encode("utf-8"), overwrite=True)
+    try:
+        written = await download_verified(
+            info,
+            manifest,
+            file_key,
+            out_dir,
+            lambda files: _URLRefresher(client, info, files),
+            concurrency=concurrency,
+            progress=progress,
+            on_start=on_start,
+        )
+    except BaseException:
+        # Interrupted with parts kept: the session waits for the resume. Refused with nothing
+        # kept (storage's bytes did not verify, the disk filled): nothing is left behind.
+        staging = out_dir / (manifest.name + PARTIAL_SUFFIX)
+        if staging.is_symlink() or not staging.is_dir():
+            marker.unlink(missing_ok=True)
+        raise
+    message = receipt_message(
+        artifact=artifact_id, link=None, session=session, manifest_sha256=manifest.digest()
     )
+    receipt = await api.send_receipt(
+        client, artifact_id, session, identity.signing_key.sign(message).signature
+    )
+    marker.unlink(missing_ok=True)
+    return written, receipt
+
+
+def _check_destination(manifest: Manifest, out_dir: Path) -> list[str]:
+    """The top-level names the artifact writes into `out_dir`: refused if the artifact's name is
+    not a safe file name (ManifestError) or one of them exists already (LocalFileError)."""
+    try:
+        check_path(manifest.name)
+        if "/" in manifest.name:
+            raise ValidationError("a '/' in the artifact name")
+    except ValidationError as exc:
+        raise ManifestError(f"the artifact name is not a safe file name: {exc.message}") from None
+    tops = sorted({e.path.split("/", 1)[0] for e in manifest.files})
+    for top in tops:
+        if os.path.lexists(out_dir / top):
+            raise LocalFileError(f"{out_dir / top} exists; not overwriting it", code="exists")
+    return tops
 
 
 async def download_verified(
@@ -322,17 +400,8 @@ async def download_verified(
     by_path = {f["path"]: f for f in info["files"]}
     if sorted(by_path) != sorted(e.path for e in manifest.files):
         raise IntegrityError("the service lists other files than the signed manifest")
-    try:
-        check_path(manifest.name)
-        if "/" in manifest.name:
-            raise ValidationError("a '/' in the artifact name")
-    except ValidationError as exc:
-        raise ManifestError(f"the artifact name is not a safe file name: {exc.message}") from None
-    tops = sorted({e.path.split("/", 1)[0] for e in manifest.files})
     out_dir = Path(os.path.abspath(out_dir))
-    for top in tops:
-        if os.path.lexists(out_dir / top):
-            raise LocalFileError(f"{out_dir / top} exists; not overwriting it", code="exists")
+    tops = _check_destination(manifest, out_dir)
     staging = out_dir / (info["name"] + PARTIAL_SUFFIX)
     files = []
     for entry in manifest.files:

@@ -15,8 +15,17 @@ from ..db import Database
 from ..errors import Conflict, PermissionDenied
 from ..storage import Storage
 from .audit import AuditLog, Context
+from .downloads import enter_session
 from .principals import Principal
-from .records import SELECT_ARTIFACT, Artifact, ArtifactFile, artifact_files, part_digests, visible_artifact
+from .records import (
+    EFFECTIVE_STATUS,
+    SELECT_ARTIFACT,
+    Artifact,
+    ArtifactFile,
+    artifact_files,
+    part_digests,
+    visible_artifact,
+)
 
 __all__ = ["download_urls", "get", "get_header", "list_artifacts"]
 
@@ -56,7 +65,7 @@ async def list_artifacts(
     after_ms, after_id = after if after else (None, None)
     rows = await db.fetchall(
         SELECT_ARTIFACT + " WHERE ($1 OR a.org_id = $2 OR a.created_by = $8 OR " + _GRANTED + ")"
-        " AND (CAST($3 AS TEXT) IS NULL OR a.status = $3)"
+        " AND (CAST($3 AS TEXT) IS NULL OR " + EFFECTIVE_STATUS + " = $3)"
         " AND (CAST($4 AS BIGINT) IS NULL OR a.created_at_ms < $4 OR (a.created_at_ms = $4 AND a.id < $5))"
         " ORDER BY a.created_at_ms DESC, a.id DESC LIMIT $6",
         everyone,
@@ -83,8 +92,8 @@ async def get_header(
     """The caller's own age header for the artifact; reading it is an audited access."""
     async with db.transaction() as conn:
         artifact = await visible_artifact(conn, principal, artifact_id, now_ms)
-        if artifact.status == "aborted":
-            raise Conflict("the artifact's upload was aborted", code="artifact-aborted")
+        if artifact.status in ("aborted", "deleted"):
+            raise Conflict(f"the artifact is {artifact.status}", code=f"artifact-{artifact.status}")
         header = await conn.fetchval(
             "SELECT header FROM artifact_headers WHERE artifact_id = $1 AND principal_id = $2",
             artifact_id,
@@ -109,9 +118,12 @@ async def download_urls(
     artifact_id: str,
     *,
     ttl_s: int,
-    now_ms: int | None = None,
-) -> tuple[Artifact, list[ArtifactFile], dict[int, dict[int, bytes]], dict[int, str]]:
-    """Presigned GETs for every file of a complete artifact, for its recipients; audited."""
+    now_ms: int,
+    session: str | None = None,
+) -> tuple[Artifact, list[ArtifactFile], dict[int, dict[int, bytes]], dict[int, str], str]:
+    """Presigned GETs for every file of a complete artifact, for its recipients, in a download
+    session: opened (and counted against a bounding grant) without `session`, renewed with it
+    (`services.downloads`); return them and the session's id."""
     async with db.transaction() as conn:
         artifact = await visible_artifact(conn, principal, artifact_id, now_ms)
         if artifact.status != "complete":
@@ -129,12 +141,15 @@ async def download_urls(
             )
         files = await artifact_files(conn, artifact_id)
         digests = await part_digests(conn, artifact_id)
-        await audit.append(
+        session = await enter_session(
             conn,
+            audit,
             ctx,
-            action="artifact.download",
-            resource={"type": "artifact", "id": artifact_id},
+            principal,
+            artifact,
+            session=session,
+            now_ms=now_ms,
             details={"files": len(files), "ttl_s": ttl_s},
         )
     urls = {f.idx: storage.presign_get(f.object_key, ttl_s=ttl_s) for f in files}
-    return artifact, files, digests, urls
+    return artifact, files, digests, urls, session

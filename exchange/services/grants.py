@@ -32,6 +32,11 @@ class Grant:
     created_at_ms: int
     expires_at_ms: int | None
     revoked_at_ms: int | None
+    #: Downloads by id this grant gives (None: no limit), and how many it has given.
+    max_downloads: int | None = None
+    downloads: int = 0
+    #: Active, but the grantee's header is gone (it re-enrolled with new keys): grant it again.
+    needs_regrant: bool = False
 
     @classmethod
     def from_row(cls, row: Row) -> Grant:
@@ -42,6 +47,9 @@ class Grant:
             created_at_ms=row["created_at_ms"],
             expires_at_ms=row["expires_at_ms"],
             revoked_at_ms=row["revoked_at_ms"],
+            max_downloads=row["max_downloads"],
+            downloads=row["downloads"],
+            needs_regrant=row["revoked_at_ms"] is None and not row["has_header"],
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -52,6 +60,9 @@ class Grant:
             "created_at_ms": self.created_at_ms,
             "expires_at_ms": self.expires_at_ms,
             "revoked_at_ms": self.revoked_at_ms,
+            "max_downloads": self.max_downloads,
+            "downloads": self.downloads,
+            "needs_regrant": self.needs_regrant,
         }
 
 
@@ -79,7 +90,9 @@ def check_grantee(grantee: Principal, artifact: Artifact) -> None:
 # -- changes --------------------------------------------------------------------------------------
 
 _SELECT = (
-    "SELECT g.*, p.name AS principal_name, b.name AS granted_by_name FROM grants g"
+    "SELECT g.*, p.name AS principal_name, b.name AS granted_by_name,"
+    " EXISTS (SELECT 1 FROM artifact_headers h WHERE h.artifact_id = g.artifact_id"
+    " AND h.principal_id = g.principal_id) AS has_header FROM grants g"
     " JOIN principals p ON p.id = g.principal_id JOIN principals b ON b.id = g.granted_by"
 )
 
@@ -102,8 +115,12 @@ async def grant(
     header: bytes,
     expires_at_ms: int | None,
     now_ms: int,
+    max_downloads: int | None = None,
 ) -> Grant:
-    """Record (or renew) a grant and the grantee's header; audited as `artifact.grant`."""
+    """Record (or renew) a grant and the grantee's header; audited as `artifact.grant`.
+
+    `max_downloads` bounds the downloads by id it gives (each a counted session); granting again
+    is a new decision, so its count starts over."""
     grantee = await get_principal(db, grantee_name)
     check_header(header, grantee.name)
     if expires_at_ms is not None and expires_at_ms <= now_ms:
@@ -111,20 +128,21 @@ async def grant(
     async with db.transaction() as conn:
         artifact = await visible_artifact(conn, principal, artifact_id, now_ms)
         require_owner(principal, artifact)
-        if artifact.status == "aborted":
-            raise Conflict("the artifact's upload was aborted", code="artifact-aborted")
+        if artifact.status in ("aborted", "deleted"):
+            raise Conflict(f"the artifact is {artifact.status}", code=f"artifact-{artifact.status}")
         check_grantee(grantee, artifact)
         await conn.execute(
             "INSERT INTO grants (artifact_id, principal_id, granted_by, created_at_ms, expires_at_ms,"
-            " revoked_at_ms) VALUES ($1, $2, $3, $4, $5, NULL)"
+            " revoked_at_ms, max_downloads, downloads) VALUES ($1, $2, $3, $4, $5, NULL, $6, 0)"
             " ON CONFLICT (artifact_id, principal_id) DO UPDATE SET granted_by = excluded.granted_by,"
             " created_at_ms = excluded.created_at_ms, expires_at_ms = excluded.expires_at_ms,"
-            " revoked_at_ms = NULL",
+            " revoked_at_ms = NULL, max_downloads = excluded.max_downloads, downloads = 0",
             artifact_id,
             grantee.id,
             principal.id,
             now_ms,
             expires_at_ms,
+            max_downloads,
         )
         await conn.execute(
             "INSERT INTO artifact_headers (artifact_id, principal_id, header, created_at_ms)"
@@ -140,7 +158,12 @@ async def grant(
             ctx,
             action="artifact.grant",
             resource={"type": "artifact", "id": artifact_id},
-            details={"principal": grantee.name, "org": grantee.org_name, "expires_at_ms": expires_at_ms},
+            details={
+                "principal": grantee.name,
+                "org": grantee.org_name,
+                "expires_at_ms": expires_at_ms,
+                "max_downloads": max_downloads,
+            },
         )
         found = await _grant_row(conn, artifact_id, grantee.id)
     assert found is not None

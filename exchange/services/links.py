@@ -51,6 +51,7 @@ from .records import (
     artifact_files,
     files_named,
     find_artifact,
+    manifest_of,
     part_digests,
     visible_artifact,
 )
@@ -263,7 +264,8 @@ _LINK_SELECT = (
 _RECORD_SELECT = (
     "SELECT l.id, l.artifact_id, l.expires_at_ms, l.max_downloads, l.downloads, l.revoked_at_ms,"
     " l.allowed_networks,"
-    " a.status AS artifact_status, a.org_id AS artifact_org_id,"
+    " CASE WHEN a.deleted_at_ms IS NOT NULL THEN 'deleted' ELSE a.status END AS artifact_status,"
+    " a.org_id AS artifact_org_id,"
     " g.expires_at_ms AS grant_expires_at_ms, g.revoked_at_ms AS grant_revoked_at_ms,"
     " g.principal_id AS grant_principal,"
     " r.id AS r_id, r.name AS r_name, r.org_id AS r_org_id, o.name AS r_org_name, r.role AS r_role,"
@@ -537,7 +539,14 @@ async def open_session(
         )
         if header_raw is None:
             raise LinkRefused("not-a-recipient", link_id=record.id)
+        # The key the manifest names, current or retired by a rotation since (principal_keys).
+        signed = manifest_of(artifact)
         uploader_row = await conn.fetchone(
+            "SELECT p.name, k.key_id, k.signing_public_key FROM principals p"
+            " JOIN principal_keys k ON k.principal_id = p.id WHERE p.id = $1 AND k.key_id = $2",
+            artifact.created_by,
+            signed[0].uploader if signed else "",
+        ) or await conn.fetchone(
             "SELECT name, key_id, signing_public_key FROM principals WHERE id = $1", artifact.created_by
         )
         assert uploader_row is not None

@@ -62,6 +62,11 @@ class Artifact:
     plaintext_bytes: int
     manifest: bytes | None
     manifest_signature: bytes | None
+    #: The tombstone: when, by whom and why it was deleted; when storage let go of its objects.
+    deleted_at_ms: int | None = None
+    deleted_by_name: str | None = None
+    delete_reason: str | None = None
+    purged_at_ms: int | None = None
 
     @classmethod
     def from_row(cls, row: Row) -> Artifact:
@@ -71,7 +76,7 @@ class Artifact:
             org_name=row["org_name"],
             name=row["name"],
             kind=row["kind"],
-            status=row["status"],
+            status=row["effective_status"],
             created_by=row["created_by"],
             created_by_name=row["created_by_name"],
             created_at_ms=row["created_at_ms"],
@@ -83,6 +88,10 @@ class Artifact:
             manifest_signature=None
             if row["manifest_signature"] is None
             else bytes(row["manifest_signature"]),
+            deleted_at_ms=row["deleted_at_ms"],
+            deleted_by_name=row["deleted_by_name"],
+            delete_reason=row["delete_reason"],
+            purged_at_ms=row["purged_at_ms"],
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -99,6 +108,13 @@ class Artifact:
             "file_count": self.file_count,
             "size": self.plaintext_bytes,
         }
+        if self.deleted_at_ms is not None:
+            data["deleted"] = {
+                "at_ms": self.deleted_at_ms,
+                "by": self.deleted_by_name,
+                "reason": self.delete_reason,
+                "storage_purged": self.purged_at_ms is not None,
+            }
         return data
 
 
@@ -181,9 +197,15 @@ def manifest_of(artifact: Artifact) -> tuple[Manifest, bytes] | None:
 # -- reads ----------------------------------------------------------------------------------------
 
 #: An artifact row with its organisation's and its uploader's names; add the WHERE.
+#: A deleted artifact's status reads 'deleted' (migration 0012), whatever its upload's was.
+EFFECTIVE_STATUS = "CASE WHEN a.deleted_at_ms IS NOT NULL THEN 'deleted' ELSE a.status END"
 SELECT_ARTIFACT = (
-    "SELECT a.*, o.name AS org_name, p.name AS created_by_name FROM artifacts a"
+    "SELECT a.*, "  # noqa: S608 - constants only
+    + EFFECTIVE_STATUS
+    + " AS effective_status, o.name AS org_name,"
+    " p.name AS created_by_name, d.name AS deleted_by_name FROM artifacts a"
     " JOIN orgs o ON o.id = a.org_id JOIN principals p ON p.id = a.created_by"
+    " LEFT JOIN principals d ON d.id = a.deleted_by"
 )
 
 

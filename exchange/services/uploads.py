@@ -81,6 +81,7 @@ __all__ = [
     "complete",
     "create",
     "issue_part_urls",
+    "remove_from_storage",
     "require_uploader",
     "sweep_abandoned",
     "upload_status",
@@ -641,7 +642,8 @@ async def complete(
         return final
 
 
-async def _remove_from_storage(storage: Storage, files: Sequence[ArtifactFile]) -> None:
+async def remove_from_storage(storage: Storage, files: Sequence[ArtifactFile]) -> None:
+    """Delete every file's object (and any multipart upload still open); a missing one is fine."""
     for f in files:
         if f.upload_id is not None:
             with contextlib.suppress(NotFound):
@@ -698,7 +700,7 @@ async def abort_artifact(
     # After the commit: a failure here leaves parts that the store's own lifecycle or a later
     # sweep removes, never an artifact that claims to be live without its parts.
     try:
-        await _remove_from_storage(storage, files)
+        await remove_from_storage(storage, files)
     except ExchangeError as exc:
         log.warning("artifact %s aborted, but removing its parts failed: %s", artifact.id, exc.code)
     async with db.read() as conn:

@@ -151,9 +151,18 @@ async def test_signature_created_long_ago_is_skew_even_with_fresh_nonce(stack: S
     await assert_refused(stack, status, body, "clock-skew")
 
 
-async def test_disabled_principal_is_an_unknown_key(stack: Stack) -> None:
+async def test_disabled_principal_is_refused_by_name_once_its_signature_verifies(stack: Stack) -> None:
+    """A disabled principal's valid signature: 403 `principal-disabled`, its refusal naming it in
+    the log. Its key signing the wrong bytes is still a bad signature (401): the status is told
+    only to the holder of the key."""
     tester = await stack.principal("t1", "tester")
     async with stack.db.transaction() as conn:
         await conn.execute("UPDATE principals SET status = 'disabled' WHERE name = $1", "t1")
     status, body = await send(stack, "GET", "/v1/whoami", headers=signed(tester, stack, "GET", "/v1/whoami"))
-    await assert_refused(stack, status, body, "unknown-key")
+    assert (status, body["code"]) == (403, "principal-disabled"), body
+    last = (await stack.events())[-1]
+    assert last["outcome"] == {"result": "denied", "reason": "principal-disabled"}
+    assert (last["action"], last["actor"]["name"]) == ("whoami", "t1")
+    forged = signed(tester, stack, "GET", "/v1/whoami")
+    status, body = await send(stack, "GET", "/v1/principals", headers=forged)
+    assert status == 401 and body["code"] != "principal-disabled", body

@@ -301,3 +301,44 @@ async def test_enrolment_fields_the_schema_refuses(stack: Stack, field: str, spo
         doc = await anon.request("GET", "/openapi.json", signed=False)
     enroll = doc["components"]["schemas"]["Enroll"]["properties"]["age_recipient"]
     assert enroll["format"] == "age-recipient" and "checksum" in enroll["description"]
+
+
+async def test_two_admins_disabling_each_other_at_once_leave_one(stack: Stack) -> None:
+    """The last-admin rule under a race: both requests pass authentication while both are
+    active; the active admins are locked in the change's transaction, so exactly one wins and
+    the other is refused (`last-admin`), on SQLite and PostgreSQL alike."""
+    import asyncio
+
+    second = await stack.principal("second-admin", "admin", org="operators")
+    for _ in range(3):  # a few rounds: the interleaving differs from run to run
+        async with stack.client(stack.admin) as a, stack.client(second) as b:
+            results = await asyncio.gather(
+                a.disable_principal("second-admin"), b.disable_principal("admin"), return_exceptions=True
+            )
+        won = [r for r in results if isinstance(r, dict)]
+        lost = [r for r in results if isinstance(r, Exception)]
+        assert len(won) == 1 and len(lost) == 1, results
+        assert isinstance(lost[0], (Conflict, PermissionDenied)), lost[0]
+        active = await stack.db.fetchall(
+            "SELECT name FROM principals WHERE role = 'admin' AND status = 'active'"
+        )
+        assert len(active) == 1
+        # The winner re-enables the loser for the next round.
+        winner = stack.admin if won[0]["name"] == "second-admin" else second
+        async with stack.client(winner) as w:
+            await w.enable_principal(won[0]["name"])
+    allowed = [e for e in await stack.events() if e["action"] == "principal.disable"]
+    assert sum(e["outcome"]["result"] == "allowed" for e in allowed) == 3
+
+
+async def test_disable_bad_input_changes_nothing(stack: Stack) -> None:
+    await stack.principal("bob", "tester")
+    before = await stack.db.fetchall("SELECT name, status FROM principals ORDER BY name")
+    async with stack.client(stack.admin) as admin:
+        for body in ({"reason": ""}, {"reason": "x" * 501}, {"why": "extra"}, {"reason": 5}):
+            with pytest.raises(Exception) as err:
+                await admin.request("POST", "/v1/principals/bob/disable", json_body=body)
+            assert getattr(err.value, "status", None) == 400 or "400" in str(err.value), err.value
+    assert await stack.db.fetchall("SELECT name, status FROM principals ORDER BY name") == before
+    refused = [e for e in await stack.events() if e["action"] == "principal.disable"]
+    assert len(refused) == 4 and all(e["outcome"]["result"] == "denied" for e in refused)

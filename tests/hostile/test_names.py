@@ -273,10 +273,9 @@ def forge(monkeypatch: pytest.MonkeyPatch, dev: Identity, *, path: str | None, n
     """A hostile service (or one whose database was changed) serving a hostile uploader's
     manifest: paths or name rewritten and re-signed with the uploader's own key, past every
     server-side check. Only the client's own checks stand between it and the disk."""
-    real = transfer.api.download_info
+    real_info, real_get = transfer.api.download_info, transfer.api.get
 
-    async def download_info(client: Any, artifact_id: str) -> dict[str, Any]:
-        info = await real(client, artifact_id)
+    def forged(info: dict[str, Any]) -> dict[str, Any]:
         manifest = info["manifest"]
         if path is not None:
             manifest["files"][0]["path"] = info["files"][0]["path"] = path
@@ -286,7 +285,16 @@ def forge(monkeypatch: pytest.MonkeyPatch, dev: Identity, *, path: str | None, n
         info["manifest_signature"] = base64.b64encode(signature).decode()
         return info
 
+    async def download_info(client: Any, artifact_id: str, **kw: Any) -> dict[str, Any]:
+        return forged(await real_info(client, artifact_id, **kw))
+
+    async def get(client: Any, artifact_id: str) -> dict[str, Any]:
+        return forged(await real_get(client, artifact_id))
+
+    # Both answers the client reads the manifest from: the detail (checked before the download
+    # session opens) and the session's.
     monkeypatch.setattr(transfer.api, "download_info", download_info)
+    monkeypatch.setattr(transfer.api, "get", get)
 
 
 @pytest.mark.parametrize(
