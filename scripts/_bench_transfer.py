@@ -5,6 +5,11 @@ The parent process runs SeaweedFS and the API; each measured transfer runs in a 
 client's memory is measured apart from the server's and from boto3's. The CPU the service spends
 meanwhile (SeaweedFS, and the API thread of this process) is measured too: on a small machine the
 client and storage share the cores, so a transfer's total CPU is what bounds its speed.
+
+`--pin` gives storage CPU sets of its own (`os.sched_setaffinity` on every thread of SeaweedFS)
+and the client and API the others, for every transfer of the run alike, as a deployment does
+with storage on machines of its own. Each row then says which side bound it: the side whose
+CPU set was busy for most of the transfer's time, or "waiting" when none was.
 """
 
 from __future__ import annotations
@@ -100,6 +105,41 @@ def _cpu_seconds(pid: int) -> float:
     except psutil.Error:
         return 0.0
     return float(times.user + times.system)
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of process `pid` (and so the threads it starts later) onto `cpus`."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), cpus)
+        except ProcessLookupError:  # a thread that ended meanwhile
+            continue
+
+
+def cpu_sets(pin_storage: bool) -> tuple[set[int], set[int]]:
+    """(storage's CPUs, the client's and API's): the first third of the cores (at least one) for
+    storage when pinning; otherwise every core for both."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not pin_storage:
+        return set(cpus), set(cpus)
+    if len(cpus) < 2:
+        raise SystemExit("--pin needs at least two cores")
+    cut = max(1, len(cpus) // 3)
+    return set(cpus[:cut]), set(cpus[cut:])
+
+
+def bound_by(r: dict[str, Any], storage: set[int], client: set[int]) -> str:
+    """Which side's CPU set was busy for most (>= 85%) of the transfer, else "waiting"."""
+    seconds = r["seconds"]
+    if storage == client:  # shared cores: the sum is what competes
+        total = (r["cpu_seconds"] + r["storage_cpu_seconds"] + r["api_cpu_seconds"]) / (seconds * len(client))
+        return "CPU (shared)" if total >= 0.85 else "waiting"
+    busy = {
+        "storage": r["storage_cpu_seconds"] / (seconds * len(storage)),
+        "client+API": (r["cpu_seconds"] + r["api_cpu_seconds"]) / (seconds * len(client)),
+    }
+    side, share = max(busy.items(), key=lambda kv: kv[1])
+    return f"{side} {share:.0%}" if share >= 0.85 else f"waiting ({side} {share:.0%})"
 
 
 def run_child(mode: str, config: dict[str, Any], storage_pid: int | None = None) -> dict[str, Any]:
@@ -235,7 +275,14 @@ def main() -> None:
         default=None,
         help="exchange's parallel transfers (default: the client's own)",
     )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="storage on CPUs of its own (the first third of the cores), client and API on the rest",
+    )
     args = parser.parse_args()
+    storage_cpus, client_cpus = cpu_sets(args.pin)
+    os.sched_setaffinity(0, client_cpus)  # this process (the API) and every child inherit it
     # SIGTERM ends the run like Ctrl-C does: through the finally below, which stops SeaweedFS.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(tempfile.mkdtemp(prefix="exchange-bench-", dir=args.dir))
@@ -257,8 +304,15 @@ def main() -> None:
             "concurrency": args.concurrency,
         }
         weed = service.store.pid
+        assert weed is not None
+        if args.pin:
+            pin(weed, storage_cpus)
         ratios: dict[str, list[float]] = {"upload": [], "upload vs SHA-256": [], "download": []}
         print(f"file: {args.size} bytes ({args.size / 1024**3:.2f} GiB), cores: {os.cpu_count()}")
+        print(
+            f"CPUs: storage {sorted(storage_cpus)}, client and API {sorted(client_cpus)}"
+            + (" (pinned)" if args.pin else " (shared)")
+        )
         for n in range(args.rounds):
             results: dict[str, dict[str, Any]] = {}
             results["boto3 upload"] = run_child("boto3-upload", common | {"file": str(source)}, weed)
@@ -278,17 +332,19 @@ def main() -> None:
             shutil.rmtree(out_plain)
             shutil.rmtree(out_ours)
             mb = args.size / 1e6
-            if args.rounds > 1:
-                print(f"round {n + 1} of {args.rounds}, load average {os.getloadavg()[0]:.2f}")
+            load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+            print(f"round {n + 1} of {args.rounds}, load average {load}")
+            gib = args.size / 1024**3
             print(
-                f"{'transfer':<20}{'seconds':>10}{'MB/s':>10}{'client CPU s':>14}{'peak RSS MiB':>15}"
-                f"{'storage CPU s':>15}{'API CPU s':>11}"
+                f"{'transfer':<22}{'seconds':>8}{'MB/s':>8}{'client CPU s/GiB':>18}{'storage CPU s/GiB':>19}"
+                f"{'API CPU s/GiB':>15}{'peak RSS MiB':>14}  bound by"
             )
             for name, r in results.items():
                 print(
-                    f"{name:<20}{r['seconds']:>10.2f}{mb / r['seconds']:>10.1f}"
-                    f"{r['cpu_seconds']:>14.2f}{r['peak_rss_mib']:>15.1f}"
-                    f"{r['storage_cpu_seconds']:>15.2f}{r['api_cpu_seconds']:>11.2f}"
+                    f"{name:<22}{r['seconds']:>8.2f}{mb / r['seconds']:>8.1f}"
+                    f"{r['cpu_seconds'] / gib:>18.2f}{r['storage_cpu_seconds'] / gib:>19.2f}"
+                    f"{r['api_cpu_seconds'] / gib:>15.2f}{r['peak_rss_mib']:>14.1f}"
+                    f"  {bound_by(r, storage_cpus, client_cpus)}"
                 )
             for what in ("upload", "download"):
                 ratio = results[f"boto3 {what}"]["seconds"] / results[f"exchange {what}"]["seconds"]
