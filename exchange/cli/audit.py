@@ -101,6 +101,20 @@ def pin_options(f: F) -> F:
     )(f)
 
 
+def pinned_state(opts: Options, state_dir: Path, log_vkey: str | None) -> auditverify.State:
+    """The verify state with its pinned log key (or `log_vkey`, pinned here only in memory); a
+    usage error (exit 2) saying how to pin one when there is none, or the state is unreadable."""
+    try:
+        return auditverify.load_pinned(state_dir, log_vkey)
+    except auditverify.VerifyFailure as exc:
+        hint = (
+            " (or pin it once with `exchange audit verify --vkey KEY`)" if "no log key" in exc.message else ""
+        )
+        fail(InputError(f"{exc.message}{hint}: {state_dir}"), as_json=opts.json)
+    except (OSError, ValueError, KeyError) as exc:
+        fail(InputError(f"cannot read the audit state in {state_dir}: {exc}"), as_json=opts.json)
+
+
 @main.group()
 def audit() -> None:
     """Query, export and verify the audit log (auditor or admin role).
@@ -155,15 +169,7 @@ def query(
     integrity error (exit 8) and nothing is printed. The key is the one `exchange audit verify`
     pinned in --state; before that, give it with --vkey.
     """
-    try:
-        state = auditverify.load_pinned(state_dir, log_vkey)
-    except auditverify.VerifyFailure as exc:
-        hint = (
-            " (or pin it once with `exchange audit verify --vkey KEY`)" if "no log key" in exc.message else ""
-        )
-        fail(InputError(f"{exc.message}{hint}: {state_dir}"), as_json=opts.json)
-    except (OSError, ValueError, KeyError) as exc:
-        fail(InputError(f"cannot read the audit state in {state_dir}: {exc}"), as_json=opts.json)
+    state = pinned_state(opts, state_dir, log_vkey)
     try:
         filters: dict[str, str | int | None] = {
             "actor": actor,

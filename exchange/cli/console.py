@@ -19,7 +19,7 @@ from ..client import Client
 from ..console import Access, Console, create_console_app
 from ..errors import InputError, PermissionDenied
 from ._base import Options, fail, pass_opts, run
-from .audit import _state_option, audit, pin_options
+from .audit import _state_option, audit, pin_options, pinned_state
 
 _HELP = """Open the auditors' console: a local web page over the audit log, verified as you read it.
 
@@ -68,15 +68,7 @@ def console(
     witness_vkeys: tuple[str, ...],
     quorum: int | None,
 ) -> None:
-    try:
-        state = auditverify.load_pinned(state_dir, log_vkey)
-    except auditverify.VerifyFailure as exc:
-        hint = (
-            " (or pin it once with `exchange audit verify --vkey KEY`)" if "no log key" in exc.message else ""
-        )
-        fail(InputError(f"{exc.message}{hint}: {state_dir}"), as_json=opts.json)
-    except (OSError, ValueError, KeyError) as exc:
-        fail(InputError(f"cannot read the audit state in {state_dir}: {exc}"), as_json=opts.json)
+    state = pinned_state(opts, state_dir, log_vkey)
     if witness_vkeys:
         state.witness_vkeys = list(witness_vkeys)
     if quorum is not None:

@@ -24,6 +24,7 @@ from .records import (
     ArtifactFile,
     artifact_files,
     part_digests,
+    require_not_gone,
     visible_artifact,
 )
 
@@ -92,8 +93,7 @@ async def get_header(
     """The caller's own age header for the artifact; reading it is an audited access."""
     async with db.transaction() as conn:
         artifact = await visible_artifact(conn, principal, artifact_id, now_ms)
-        if artifact.status in ("aborted", "deleted"):
-            raise Conflict(f"the artifact is {artifact.status}", code=f"artifact-{artifact.status}")
+        require_not_gone(artifact)
         header = await conn.fetchval(
             "SELECT header FROM artifact_headers WHERE artifact_id = $1 AND principal_id = $2",
             artifact_id,

@@ -11,14 +11,9 @@ spend the last one; a refused session writes nothing but its refusal event.
 
 from __future__ import annotations
 
-import base64
-
-from nacl.exceptions import BadSignatureError
-from nacl.signing import VerifyKey
-
 from ..db import Connection, Database
-from ..errors import Conflict, NotFound, PermissionDenied
-from ..format.receipt import receipt_message
+from ..errors import NotFound, PermissionDenied
+from . import receipts
 from .audit import AuditLog, Context
 from .principals import Principal, new_id
 from .records import Artifact, has_active_grant, visible_artifact
@@ -117,8 +112,7 @@ async def record_receipt(
     async with db.transaction() as conn:
         artifact = await visible_artifact(conn, principal, artifact_id, now_ms)
         row = await conn.fetchone(
-            "SELECT id, receipt_at_ms FROM download_sessions WHERE id = $1 AND artifact_id = $2"
-            " AND principal_id = $3",
+            "SELECT id FROM download_sessions WHERE id = $1 AND artifact_id = $2 AND principal_id = $3",
             session,
             artifact_id,
             principal.id,
@@ -127,39 +121,14 @@ async def record_receipt(
             raise NotFound(
                 f"no download session {session!r} of yours for {artifact_id}", code="no-such-session"
             )
-        digest = await conn.fetchval("SELECT manifest_sha256 FROM artifacts WHERE id = $1", artifact.id)
-        message = receipt_message(
-            artifact=artifact.id, link=None, session=session, manifest_sha256=bytes(digest)
-        )
-        try:
-            VerifyKey(principal.signing_public_key).verify(message, signature)
-        except (BadSignatureError, ValueError):
-            raise PermissionDenied(
-                f"the receipt is not signed by {principal.name}'s key over this session",
-                code="receipt-signature",
-            ) from None
-        done = await conn.execute(
-            "UPDATE download_sessions SET receipt_at_ms = $1, receipt_signature = $2"
-            " WHERE id = $3 AND receipt_at_ms IS NULL",
-            now_ms,
-            signature,
-            session,
-        )
-        if done != 1:
-            raise Conflict("this download's receipt was already recorded", code="receipt-exists")
-        details: dict[str, object] = {
-            "via": "grant",
-            "session": session,
-            "recipient": principal.name,
-            "recipient_key_id": principal.key_id,
-            "manifest_sha256": bytes(digest).hex(),
-            "signature": base64.b64encode(signature).decode("ascii"),
-        }
-        await audit.append(
+        return await receipts.record(
             conn,
+            audit,
             ctx,
-            action="artifact.receipt",
-            resource={"type": "artifact", "id": artifact.id, "sha256": bytes(digest).hex()},
-            details=details,
+            recipient=principal,
+            artifact_id=artifact.id,
+            link_id=None,
+            session=session,
+            signature=signature,
+            now_ms=now_ms,
         )
-    return {"artifact": artifact.id, "received_at_ms": now_ms} | details

@@ -19,7 +19,7 @@ from ..db import Connection, Database, Row
 from ..errors import Conflict, NotFound, PermissionDenied, ValidationError
 from .audit import AuditLog, Context
 from .principals import Principal, get_principal, require_role
-from .records import Artifact, check_header, visible_artifact
+from .records import Artifact, check_header, require_not_gone, visible_artifact
 
 __all__ = ["Grant", "grant", "list_grants", "require_owner", "revoke"]
 
@@ -128,8 +128,7 @@ async def grant(
     async with db.transaction() as conn:
         artifact = await visible_artifact(conn, principal, artifact_id, now_ms)
         require_owner(principal, artifact)
-        if artifact.status in ("aborted", "deleted"):
-            raise Conflict(f"the artifact is {artifact.status}", code=f"artifact-{artifact.status}")
+        require_not_gone(artifact)
         check_grantee(grantee, artifact)
         await conn.execute(
             "INSERT INTO grants (artifact_id, principal_id, granted_by, created_at_ms, expires_at_ms,"

@@ -28,7 +28,7 @@ from ..format.keyrotation import KeyRotationError, verify_rotation
 from ..identity import PublicKeys
 from .audit import AuditLog, Context
 from .principals import Principal, check_key_unused, swap_keys
-from .records import check_header, find_artifact
+from .records import check_header, find_artifact, require_not_gone
 
 __all__ = ["KeyRecord", "OwnHeader", "key_history", "own_headers", "rewrap", "rotate"]
 
@@ -171,8 +171,7 @@ async def rewrap(
         artifact = await find_artifact(conn, artifact_id) if held is not None else None
         if artifact is None:
             raise NotFound(f"no artifact {artifact_id!r}")
-        if artifact.status in ("aborted", "deleted"):
-            raise Conflict(f"the artifact is {artifact.status}", code=f"artifact-{artifact.status}")
+        require_not_gone(artifact)
         await conn.execute(
             "UPDATE artifact_headers SET header = $1 WHERE artifact_id = $2 AND principal_id = $3",
             header,

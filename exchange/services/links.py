@@ -25,7 +25,6 @@ and persists around them, one transaction and its events per request.
 
 from __future__ import annotations
 
-import base64
 import ipaddress
 import re
 import secrets
@@ -33,15 +32,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from nacl.exceptions import BadSignatureError
-from nacl.signing import VerifyKey
-
 from ..db import Connection, Database, Row
 from ..errors import Conflict, NotFound, PermissionDenied, RangeNotSatisfiable, ValidationError
 from ..format import age, linkproof
 from ..format.note import Signer
-from ..format.receipt import receipt_message
 from ..storage import Storage
+from . import receipts
 from .audit import AuditLog, Context
 from .grants import require_owner
 from .principals import Principal, get_principal, new_id
@@ -686,45 +682,17 @@ async def receipt(
             raise LinkRefused("link-unknown")
         record = _record(row)
         session = await _session_of(conn, record, session)
-        digest = await conn.fetchval(
-            "SELECT manifest_sha256 FROM artifacts WHERE id = $1", record.artifact_id
-        )
-        message = receipt_message(
-            artifact=record.artifact_id, link=record.id, session=session, manifest_sha256=bytes(digest)
-        )
-        try:
-            VerifyKey(record.recipient.signing_public_key).verify(message, signature)
-        except (BadSignatureError, ValueError):
-            raise PermissionDenied(
-                f"the receipt is not signed by {record.recipient.name}, the link's recipient",
-                code="receipt-signature",
-            ) from None
-        done = await conn.execute(
-            "UPDATE link_sessions SET receipt_at_ms = $1, receipt_signature = $2"
-            " WHERE id = $3 AND receipt_at_ms IS NULL",
-            now_ms,
-            signature,
-            session,
-        )
-        if done != 1:
-            raise Conflict("this download's receipt was already recorded", code="receipt-exists")
-        details = {
-            "link": record.id,
-            "session": session,
-            "recipient": record.recipient.name,
-            "recipient_key_id": record.recipient.key_id,
-            "manifest_sha256": bytes(digest).hex(),
-            "signature": base64.b64encode(signature).decode("ascii"),
-        }
-        await audit.append(
+        return await receipts.record(
             conn,
+            audit,
             ctx,
-            action="artifact.receipt",
-            resource={"type": "artifact", "id": record.artifact_id, "sha256": bytes(digest).hex()},
-            details=details,
-            actor=record.recipient.actor,
+            recipient=record.recipient,
+            artifact_id=record.artifact_id,
+            link_id=record.id,
+            session=session,
+            signature=signature,
+            now_ms=now_ms,
         )
-    return {"artifact": record.artifact_id, "received_at_ms": now_ms} | details
 
 
 # -- management (signed) --------------------------------------------------------------------------

@@ -339,6 +339,19 @@ async def _insert_principal(
     return principal
 
 
+async def _spend_invite(conn: Connection, invite_id: str, principal_id: str, now_ms: int) -> None:
+    """Mark the invite used by `principal_id`; the used_at_ms guard makes a concurrent second
+    spend of the same code change nothing (and refuses it)."""
+    spent = await conn.execute(
+        "UPDATE invites SET used_at_ms = $1, used_by = $2 WHERE id = $3 AND used_at_ms IS NULL",
+        now_ms,
+        principal_id,
+        invite_id,
+    )
+    if spent != 1:
+        raise PermissionDenied("this invite code has already been used", code="invite-used")
+
+
 async def enroll(
     db: Database, audit: AuditLog, ctx: Context, *, code: str, name: str, keys: PublicKeys, now_ms: int
 ) -> Principal:
@@ -360,15 +373,7 @@ async def enroll(
         principal = await _insert_principal(
             conn, name=name, org=org, role=row["role"], keys=keys, now_ms=now_ms
         )
-        # The used_at_ms guard makes a concurrent second spend of the same code change nothing.
-        spent = await conn.execute(
-            "UPDATE invites SET used_at_ms = $1, used_by = $2 WHERE id = $3 AND used_at_ms IS NULL",
-            now_ms,
-            principal.id,
-            row["id"],
-        )
-        if spent != 1:
-            raise PermissionDenied("this invite code has already been used", code="invite-used")
+        await _spend_invite(conn, row["id"], principal.id, now_ms)
         await audit.append(
             conn,
             ctx,
@@ -551,14 +556,7 @@ async def _reenroll(
         )
     principal = await swap_keys(conn, target, keys, now_ms, active_only=False)
     dropped = await conn.execute("DELETE FROM artifact_headers WHERE principal_id = $1", target.id)
-    spent = await conn.execute(
-        "UPDATE invites SET used_at_ms = $1, used_by = $2 WHERE id = $3 AND used_at_ms IS NULL",
-        now_ms,
-        target.id,
-        invite["id"],
-    )
-    if spent != 1:
-        raise PermissionDenied("this invite code has already been used", code="invite-used")
+    await _spend_invite(conn, invite["id"], target.id, now_ms)
     await audit.append(
         conn,
         ctx,

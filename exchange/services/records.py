@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..db import Connection, Row, placeholders
-from ..errors import AgeError, ManifestError, NotFound, ValidationError
+from ..errors import AgeError, Conflict, ManifestError, NotFound, ValidationError
 from ..format import age
 from ..format.manifest import Manifest
 from .principals import Principal
 
 __all__ = [
+    "EFFECTIVE_STATUS",
     "SELECT_ARTIFACT",
     "Artifact",
     "ArtifactFile",
@@ -39,6 +40,7 @@ __all__ = [
     "manifest_of",
     "may_see",
     "part_digests",
+    "require_not_gone",
     "visible_artifact",
 ]
 
@@ -157,6 +159,13 @@ class ArtifactFile:
 
 
 # -- decisions ------------------------------------------------------------------------------------
+
+
+def require_not_gone(artifact: Artifact) -> None:
+    """Refuse (409 `artifact-aborted` / `artifact-deleted`) what touches an artifact that no longer
+    holds bytes: an upload given up, or one deleted (its tombstone stays)."""
+    if artifact.status in ("aborted", "deleted"):
+        raise Conflict(f"the artifact is {artifact.status}", code=f"artifact-{artifact.status}")
 
 
 def may_see(principal: Principal, artifact: Artifact, *, granted: bool = False) -> bool:

@@ -57,17 +57,24 @@ def test_delete_through_the_cli(served: Served, tmp_path: Path, bucket: Minio) -
     )
     assert _stored(bucket, keys) == [True, True]
 
-    gone = served.run("artifacts", "delete", artifact, "--yes", "--reason", "superseded by v2", identity=dev)
+    # The reason is the deleter's own text, shown to others: a newline, an escape and a command in it.
+    reason = "superseded by v2\n\x1b[2J$(touch PWNED)"
+    gone = served.run("artifacts", "delete", artifact, "--yes", "--reason", reason, identity=dev)
     assert gone.returncode == 0, gone.stderr
     assert gone.stdout.startswith(f"deleted {artifact} (to-delete)")
     assert _stored(bucket, keys) == [False, False]
 
     # The tombstone: records kept, status deleted, who, when, why.
     shown = served.run("artifacts", "show", artifact, identity=dev)
-    assert "DELETED:" in shown.stdout and "by del-dev: superseded by v2" in shown.stdout
+    assert (
+        "DELETED:" in shown.stdout
+        and "by del-dev: superseded by v2\\x0a\\x1b[2J$(touch PWNED)" in shown.stdout
+    )
+    assert "\x1b" not in shown.stdout and not (tmp_path / "PWNED").exists()
     assert "a.bin" in shown.stdout and "b.bin" in shown.stdout
     tomb = json.loads(served.run("--json", "artifacts", "show", artifact, identity=dev).stdout)
     assert tomb["status"] == "deleted" and tomb["deleted"]["storage_purged"] is True
+    assert tomb["deleted"]["reason"] == reason  # kept exactly; only its display is escaped
     listed = json.loads(served.run("--json", "artifacts", "ls", "--status", "deleted", identity=dev).stdout)
     assert [a["id"] for a in listed] == [artifact]
 
