@@ -86,6 +86,9 @@ Outside the tree, on purpose:
 - `_Fenced` (services/auditlog.py), private control flow: a write under the checkpoint signer
   lease found the lease in another term; the `Publisher` rolls the transaction back, steps down
   and logs it, and it never leaves the class.
+- `_TrustedPartsWrong` (client/_download.py), private control flow: a file failed its SHA-256
+  after a resume took parts on its journal's word; `download_verified` checks every kept part
+  the thorough way, fetches those that fail, and it never leaves that function.
 
 Third-party exceptions (botocore, sqlite3, asyncpg, aiohttp) are translated where they are
 raised (`storage`, `db`, `client`) and never escape those modules.

@@ -43,13 +43,114 @@ def test_bench_transfer_pin_runs_and_names_the_figures(tmp_path: Path) -> None:
     for row in rows:
         assert re.search(r"(storage|client\+API) \d+%|waiting \((storage|client\+API) \d+%\)$", row), row
     assert "load average" in out
+    if Path("/sys/module/page_reporting/parameters/page_reporting_order").exists():
+        assert (
+            "memory: the kernel reports freed pages to the hypervisor (page_reporting); each transfer"
+            " starts 10 s after the last so every one finds memory in the same state"
+        ) in out
+    else:
+        assert "memory: freed pages are not reported to a hypervisor; each transfer starts 0 s" in out
+    assert "of which sys" in out
     assert not any(tmp_path.iterdir())  # the work directory is removed
+
+
+def run_bench(tmp_path: Path, *args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_")}
+    ran = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "_bench_transfer.py"), *args, "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=110,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert not any(tmp_path.iterdir())  # the work directory is removed
+    return ran.stdout
+
+
+def rows(out: str) -> dict[str, list[str]]:
+    """The table's rows by transfer name: the figures after the name."""
+    found = {}
+    for line in out.splitlines():
+        m = re.match(
+            r"((?:boto3|exchange) (?:upload|download)"
+            r"(?: SHA-256| \(\d+ workers?\)|, stopped at \d+%|, resumed)?)\s+(\d.*)$",
+            line,
+        )
+        if m:
+            found[m.group(1).strip()] = m.group(2).split()
+    return found
+
+
+def test_bench_transfer_small_files_counts_files_per_second(tmp_path: Path) -> None:
+    out = run_bench(tmp_path, "--files", "30", "--settle", "0")
+    assert re.search(r"^files: 30 in model/ \(.*\), \d+ bytes in all", out, re.M), out
+    assert "memory: " in out and "each transfer starts 0 s after the last" in out
+    header = next(line for line in out.splitlines() if line.startswith("transfer"))
+    assert "files/s" in header and "MB/s" in header and "of which sys" in header
+    found = rows(out)
+    assert set(found) == {"boto3 upload", "exchange upload", "boto3 download", "exchange download"}, out
+    for figures in found.values():
+        # seconds, files/s, MB/s, client CPU, of which sys, storage CPU, API CPU, peak RSS, bound by
+        assert all(re.fullmatch(r"\d+\.\d+", f) for f in figures[:8]), figures
+    for what in ("upload", "download"):
+        assert re.search(
+            rf"^{what}: exchange \(one artifact\) / boto3 \(30 objects, \d+ at a time\) = "
+            r"\d+\.\d\dx in files per second$",
+            out,
+            re.M,
+        ), out
+
+
+def test_bench_transfer_workers_and_resume(tmp_path: Path) -> None:
+    # One part at a time: the stop comes right after the first part, the second never sent.
+    args = (
+        "--size",
+        "16MiB",
+        "--settle",
+        "0",
+        "--workers",
+        "1,2",
+        "--resume-at",
+        "0.5",
+        "--concurrency",
+        "1",
+    )
+    out = run_bench(tmp_path, *args)
+    found = rows(out)
+    expected = {"boto3 upload", "boto3 upload SHA-256", "boto3 download"}
+    for what in ("upload", "download"):
+        expected |= {f"exchange {what} (1 worker)", f"exchange {what} (2 workers)"}
+        expected |= {f"exchange {what}, stopped at 50%", f"exchange {what}, resumed"}
+    assert set(found) == expected, out
+    for label in ("(1 worker)", "(2 workers)"):
+        assert f"upload {label}: exchange (encrypted, verified) / plain boto3 = " in out
+        assert f"download {label}: exchange (encrypted, verified) / plain boto3 = " in out
+        assert f"upload {label}: exchange / boto3 with SHA-256 part checksums = " in out
+    for what in ("upload", "download"):
+        m = re.search(
+            rf"^{what} resume: moved (\d+\.\d)% of the bytes in \d+\.\d s; the stopped run moved"
+            r" (\d+\.\d)% in \d+\.\d s \(resume cost \d+\.\d\dx the remainder's share\)$",
+            out,
+            re.M,
+        )
+        assert m, out
+        resumed, stopped = float(m.group(1)), float(m.group(2))
+        # 16 MiB is two parts of 8 MiB (the service's smallest): the resume moves only the second.
+        assert 0 < resumed < 100 and stopped >= 50, out
+
+
+def test_bench_transfer_without_baseline_has_no_boto3_rows(tmp_path: Path) -> None:
+    out = run_bench(tmp_path, "--size", "8MiB", "--settle", "0", "--no-baseline")
+    assert set(rows(out)) == {"exchange upload", "exchange download"}, out
+    assert "boto3" not in out and " = " not in out  # no boto3 row, no ratio
 
 
 def test_pinning_moves_every_thread_of_a_process() -> None:
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
-        import _bench_transfer as bench  # type: ignore[import-not-found]
+        import _bench_transfer as bench  # type: ignore[import-not-found,unused-ignore]
     finally:
         sys.path.pop(0)
     cpus = sorted(os.sched_getaffinity(0))

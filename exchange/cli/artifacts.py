@@ -104,6 +104,16 @@ def _bar(description: str) -> Iterator[_Bar]:
     bar.close(completed=True)
 
 
+#: Upload and download alike.
+_workers_option = click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Threads that encrypt, decrypt and hash at once (default: every core it may run on).",
+)
+
+
 @main.command()
 @click.argument("path", type=click.Path(exists=True, file_okay=True, dir_okay=True, path_type=Path))
 @click.option("--name", help="Artifact name (default: the file or directory name).")
@@ -117,6 +127,7 @@ def _bar(description: str) -> Iterator[_Bar]:
     metavar="URL",
     help="An upload link (…/u/exu1_…) made for you: upload into the organisation that made it.",
 )
+@_workers_option
 @pass_opts
 def upload(
     opts: Options,
@@ -125,6 +136,7 @@ def upload(
     kind: str | None,
     grantees: tuple[str, ...],
     link_url: str | None,
+    workers: int | None,
 ) -> None:
     """Encrypt and upload PATH (a file, or a directory of files) as an artifact; print its id.
 
@@ -154,6 +166,7 @@ def upload(
                     progress=bar.update,
                     on_start=lambda _id, total, resumed: bar.start(total, resumed=resumed),
                     upload_link=token,
+                    workers=workers,
                 )
                 for grantee in grantees:
                     await links_api.grant(client, artifact_id, grantee)
@@ -174,8 +187,9 @@ def upload(
     show_default=True,
     help="Directory to write into.",
 )
+@_workers_option
 @pass_opts
-def download(opts: Options, artifact_id: str, out_dir: Path) -> None:
+def download(opts: Options, artifact_id: str, out_dir: Path, workers: int | None) -> None:
     """Download, decrypt and verify ARTIFACT_ID, or what a link URL holds, into a directory.
 
     Files are written under DIR/NAME.exchange-partial/ and moved into place only once every file
@@ -185,7 +199,7 @@ def download(opts: Options, artifact_id: str, out_dir: Path) -> None:
     audit log; a grant with --max-downloads gives that many sessions (exit 4 once used up).
     """
     if "://" in artifact_id:
-        _download_link(opts, artifact_id, out_dir)
+        _download_link(opts, artifact_id, out_dir, workers)
         return
 
     async def work() -> tuple[list[Path], dict[str, Any]]:
@@ -197,6 +211,7 @@ def download(opts: Options, artifact_id: str, out_dir: Path) -> None:
                     client,
                     artifact_id,
                     out_dir,
+                    workers=workers,
                     progress=bar.update,
                     on_start=lambda info, done: bar.start(int(info["size"]), done),
                 )
@@ -325,7 +340,7 @@ def _print_artifact(a: dict[str, Any]) -> None:
         click.echo(printable(f"  {f['size']:>14}  {sha.get(f['path'], '(not complete)'):<64}  {f['path']}"))
 
 
-def _download_link(opts: Options, url: str, out_dir: Path) -> None:
+def _download_link(opts: Options, url: str, out_dir: Path, workers: int | None) -> None:
     async def work() -> tuple[list[Path], dict[str, Any]]:
         identity = opts.identity()
         server, token = links_api.split_link(url)
@@ -336,6 +351,7 @@ def _download_link(opts: Options, url: str, out_dir: Path) -> None:
                     client,
                     token,
                     out_dir,
+                    workers=workers,
                     progress=bar.update,
                     on_start=lambda info, done: bar.start(int(info["size"]), done),
                 )

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import mmap
@@ -93,6 +94,37 @@ _HAS_PREADV = hasattr(os, "preadv")
 
 # -- part encryption and decryption (run on worker threads) --------------------------------------
 
+
+def default_workers() -> int:
+    """Every CPU this process may run on: the default number of threads doing crypto at once."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)  # pragma: no cover - macOS
+
+
+class CPUSlots:
+    """At most `workers` threads of one transfer encrypt, decrypt or hash at a time.
+
+    A transfer runs more threads than that (one per part in flight, to keep the network busy, and
+    one hasher), but only this many do crypto at once, so `workers` is how many cores the
+    transfer uses. Each worker thread learns the transfer's slots from its pool's initializer
+    (`bind`), so the functions below need no extra argument; a thread bound to none runs free."""
+
+    def __init__(self, workers: int | None) -> None:
+        self.workers = max(1, workers if workers is not None else default_workers())
+        self._semaphore = threading.BoundedSemaphore(self.workers)
+
+    def bind(self) -> None:
+        """Run in each new worker thread (ThreadPoolExecutor's initializer)."""
+        _scratch.cpu = self._semaphore
+
+
+def _cpu() -> contextlib.AbstractContextManager[Any]:
+    """This thread's crypto slot, held for one step of work (~1 MiB)."""
+    semaphore: threading.BoundedSemaphore | None = getattr(_scratch, "cpu", None)
+    return semaphore if semaphore is not None else contextlib.nullcontext()
+
+
 #: Each worker thread's plaintext buffer for one step (_STREAM_CHUNKS chunks), reused.
 _scratch = threading.local()
 
@@ -139,7 +171,10 @@ def _encrypt_step(
         start = sub * age.CHUNK_SIZE
         view = plain[: min(n * age.CHUNK_SIZE, size - start)]
         _pread_into(fd, view, start, where)
-        pos += age.encrypt_chunks_into(key, sub, view, out[pos:], last=r.has_final_chunk and sub + n == final)
+        with _cpu():
+            pos += age.encrypt_chunks_into(
+                key, sub, view, out[pos:], last=r.has_final_chunk and sub + n == final
+            )
     return pos
 
 
@@ -162,7 +197,8 @@ def _encrypt_part_into(
     pos = 0
     for first, count in _steps(r):
         n = _encrypt_step(key, nonce, fd, size, r, first, count, where, buf[pos:])
-        h.update(buf[pos : pos + n])
+        with _cpu():
+            h.update(buf[pos : pos + n])
         pos += n
     if pos != r.size:  # pragma: no cover - the layout in manifest.py and the steps disagree
         raise AssertionError(f"part {r.number} encrypted to {pos} bytes, not {r.size}")
@@ -172,7 +208,8 @@ def _encrypt_part_into(
 def _hash_part_streaming(key: bytes, nonce: bytes, fd: int, size: int, r: PartRange, where: str) -> bytes:
     h = hashlib.sha256()
     for piece in _encrypted_steps(key, nonce, fd, size, r, where):
-        h.update(piece)
+        with _cpu():
+            h.update(piece)
     return h.digest()
 
 
@@ -185,7 +222,8 @@ def _sha256_file(fd: int, size: int, where: str) -> bytes:
     while offset < size:
         view = block[: min(_READ_BLOCK, size - offset)]
         _pread_into(fd, view, offset, where)
-        h.update(view)
+        with _cpu():
+            h.update(view)
         offset += len(view)
     return h.digest()
 

@@ -22,6 +22,7 @@ from ..format.manifest import (
 from . import Client
 from . import artifacts as api
 from ._parts import (
+    CPUSlots,
     Progress,
     SourceFile,
     _buffer,
@@ -258,6 +259,7 @@ class _Upload:
         memory_part_bytes: int,
         progress: Progress,
         memory_budget_bytes: int | None = None,
+        workers: int | None = None,
     ) -> None:
         self.storage = storage
         self.concurrency = max(1, concurrency)
@@ -278,9 +280,12 @@ class _Upload:
         self.send_slots = asyncio.Semaphore(self.concurrency)
         # Sends block a thread each for their whole length: they get threads of their own, and
         # encryption (C code that releases the GIL) a few others, so it can always run ahead.
-        self.senders = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="send")
-        self.pool = ThreadPoolExecutor(max_workers=self.ahead, thread_name_prefix="encrypt")
-        self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        # At most `workers` of them encrypt or hash at once (a streamed part is encrypted by its
+        # sender).
+        cpu = CPUSlots(workers)
+        self.senders = ThreadPoolExecutor(self.concurrency, "send", initializer=cpu.bind)
+        self.pool = ThreadPoolExecutor(self.ahead, "encrypt", initializer=cpu.bind)
+        self.hasher = ThreadPoolExecutor(1, "sha256", initializer=cpu.bind)
         self.buffers: list[memoryview] = []
 
     def held(self, files: Sequence[_UploadFile]) -> int:
@@ -301,11 +306,17 @@ class _Upload:
                 for f in files
             ]
             try:
+                # Parts storage lacks go first, so that a resumed upload keeps storage busy from
+                # the start; the parts it holds are only re-encrypted to check that the file has
+                # not changed (before the manifest is signed), which can wait.
+                pending = sorted(
+                    ((f, r) for f in files for r in f.ranges),
+                    key=lambda fr: fr[0].stored.get(fr[1].number) == fr[1].size,
+                )
                 async with asyncio.TaskGroup() as group:
-                    for f in files:
-                        for r in f.ranges:
-                            await slots.acquire()
-                            group.create_task(self._part(f, r, slots))
+                    for f, r in pending:
+                        await slots.acquire()
+                        group.create_task(self._part(f, r, slots))
             except BaseExceptionGroup as eg:
                 raise _first_error(eg) from None
             for f, sha in zip(files, await asyncio.gather(*hashes), strict=True):

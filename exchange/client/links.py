@@ -201,6 +201,7 @@ async def download_link(
     out_dir: Path,
     *,
     concurrency: int = DEFAULT_CONCURRENCY,
+    workers: int | None = None,
     progress: Progress | None = None,
     on_start: Callable[[dict[str, Any], int], None] | None = None,
 ) -> tuple[list[Path], dict[str, Any]]:
@@ -236,6 +237,7 @@ async def download_link(
         out_dir,
         lambda files: _LinkURLs(client, token, info, files),
         concurrency=concurrency,
+        workers=workers,
         progress=progress,
         on_start=on_start,
     )

@@ -37,7 +37,7 @@ import logging
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ..db import Connection, Database, placeholders
 from ..errors import Conflict, ExchangeError, NotFound, PermissionDenied, ValidationError
@@ -398,6 +398,28 @@ async def create(
         return artifact, await artifact_files(conn, artifact_id)
 
 
+#: Storage calls one request makes at once for an artifact's files (starting their multipart
+#: uploads, assembling them): an artifact of 1,000 small files otherwise waits on thousands of
+#: round trips one after another. Storage's own pool of threads (8) bounds it too.
+STORAGE_CALLS_AT_ONCE = 8
+
+_T = TypeVar("_T")
+
+
+async def _each(items: Sequence[_T], work: Callable[[_T], Awaitable[None]]) -> None:
+    """`work(item)` for every item, STORAGE_CALLS_AT_ONCE at a time. Every one runs to its end;
+    then the first failure in the items' order is raised, as one at a time would have."""
+    slots = asyncio.Semaphore(STORAGE_CALLS_AT_ONCE)
+
+    async def one(item: _T) -> None:
+        async with slots:
+            await work(item)
+
+    for outcome in await asyncio.gather(*(one(i) for i in items), return_exceptions=True):
+        if isinstance(outcome, BaseException):
+            raise outcome
+
+
 async def _ensure_upload(db: Database, storage: Storage, artifact_id: str, f: ArtifactFile) -> str:
     """The file's multipart upload, created on first need. Two racing requests keep one."""
     if f.upload_id is not None:
@@ -492,9 +514,12 @@ async def issue_part_urls(
                 resource={"type": "artifact", "id": artifact_id},
                 details={"recorded": len(new), "requested": len(requests)},
             )
-    uploads = {}
-    for file_idx in sorted({f for f, _, _ in requests}):
+    uploads: dict[int, str] = {}
+
+    async def ensure(file_idx: int) -> None:
         uploads[file_idx] = await _ensure_upload(db, storage, artifact_id, files[file_idx])
+
+    await _each(sorted({f for f, _, _ in requests}), ensure)
     out = []
     for file_idx, number, digest in requests:
         f = files[file_idx]
@@ -605,8 +630,7 @@ async def complete(
         manifest.verify(signature, principal.signing_public_key)
         check_manifest(manifest, artifact, principal, files, digests)
         try:
-            for f in files:
-                await _assemble(storage, artifact, f, digests[f.idx])
+            await _each(files, lambda f: _assemble(storage, artifact, f, digests[f.idx]))
         except Conflict:
             # Another replica's completion may have assembled (and removed the upload) meanwhile.
             async with db.read() as conn:

@@ -45,3 +45,26 @@ def test_upload_list_show_download(served: Served, tmp_path: Path) -> None:
     link.symlink_to(tmp_path / "src")
     refused = served.run("upload", str(link), identity=dev)
     assert refused.returncode == 2 and "symbolic link" in refused.stderr
+
+
+def test_workers_flag(served: Served, tmp_path: Path) -> None:
+    admin = served.admin
+    assert served.run("org", "create", "cli-workers", identity=admin).returncode == 0
+    invite = served.run("--json", "invite", "--role", "developer", "--org", "cli-workers", identity=admin)
+    dev = tmp_path / "dev.json"
+    enrolled = served.run("enroll", json.loads(invite.stdout)["code"], "--name", "w-dev", identity=dev)
+    assert enrolled.returncode == 0
+    data = write(tmp_path / "w.bin", 200_001)
+
+    refused = served.run("upload", str(tmp_path / "w.bin"), "--workers", "0", identity=dev)
+    assert refused.returncode == 2 and "--workers" in refused.stderr
+    listed = served.run("--json", "artifacts", "ls", identity=dev)
+    assert json.loads(listed.stdout) == []  # refused before anything was started
+
+    up = served.run("upload", str(tmp_path / "w.bin"), "--workers", "1", identity=dev)
+    assert up.returncode == 0, up.stderr
+    out = tmp_path / "out"
+    down = served.run("download", up.stdout.strip(), "-o", str(out), "--workers", "1", identity=dev)
+    assert down.returncode == 0, down.stderr
+    assert (out / "w.bin").read_bytes() == data
+    assert served.run("download", "art_x", "--workers", "-3", identity=dev).returncode == 2

@@ -15,6 +15,7 @@ import pytest
 from minio import Minio
 
 from exchange.api.artifacts import sweep_once
+from exchange.client import _download
 from exchange.client import artifacts as api
 from exchange.client.transfer import PARTIAL_SUFFIX, download, upload
 from exchange.errors import Conflict, NotFound
@@ -175,7 +176,12 @@ async def test_killed_download_resumes_from_what_was_written(stack: Stack, tmp_p
             await download(c, artifact_id, out, concurrency=1, progress=interrupt_after(6 * MIB))
         # The partial file, and the download session to continue (not counted again).
         assert listing(out) == sorted(
-            ["big.bin" + PARTIAL_SUFFIX, f"big.bin{PARTIAL_SUFFIX}/big.bin", session_marker(artifact_id)]
+            [
+                "big.bin" + PARTIAL_SUFFIX,
+                f"big.bin{PARTIAL_SUFFIX}/big.bin",
+                f"big.bin{PARTIAL_SUFFIX}.parts",  # the journal of the parts written
+                session_marker(artifact_id),
+            ]
         )
         resumed_from: list[int] = []
         await download(c, artifact_id, out, on_start=lambda info, done: resumed_from.append(done))
@@ -331,6 +337,131 @@ async def test_a_resumed_download_refetches_parts_spoiled_on_disk(stack: Stack, 
             fh.seek(1000)
             fh.write(bytes([data[1000] ^ 0xFF]))
         resumed_from: list[int] = []
-        await download(c, artifact_id, out, on_start=lambda info, done: resumed_from.append(done))
-    assert resumed_from == [5 * MIB]  # part 2 kept; part 1, spoiled, fetched again
+        checked: list[int] = []
+        real = _download._part_matches
+
+        def part_matches(*args: Any) -> bool:
+            ok = bool(real(*args))
+            if ok:
+                checked.append(args[-2].number)
+            return ok
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(_download, "_part_matches", part_matches)
+            await download(c, artifact_id, out, on_start=lambda info, done: resumed_from.append(done))
+    # Parts 1 and 2 were taken on the journal's word; the file did not hash right, so every kept
+    # part was then checked the thorough way: 2 held, 1 (spoiled) was fetched again.
+    assert resumed_from == [10 * MIB]
+    assert 2 in checked and 1 not in checked
     assert (out / "big.bin").read_bytes() == data
+    assert listing(out) == ["big.bin"]
+
+
+async def test_an_artifact_of_many_small_files_is_assembled_several_files_at_a_time(
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from exchange.api.keys import STORAGE
+    from exchange.services.uploads import STORAGE_CALLS_AT_ONCE
+
+    storage = stack.app[STORAGE]
+    busy, most = 0, 0
+    calls: list[str] = []
+
+    def counted(name: str) -> Any:
+        real = getattr(storage, name)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            nonlocal busy, most
+            busy += 1
+            most = max(most, busy)
+            calls.append(name)
+            try:
+                return await real(*args, **kwargs)
+            finally:
+                busy -= 1
+
+        return call
+
+    for name in ("create_multipart", "list_parts", "complete_multipart"):
+        monkeypatch.setattr(storage, name, counted(name))
+    dev = await stack.principal("dana", "developer", org="lab")
+    src = tmp_path / "src" / "tokenizer"
+    data = {f"f{i:03}.json": write(src / f"f{i:03}.json", 100 + i * 37) for i in range(40)}
+    out = tmp_path / "out"
+    out.mkdir()
+    async with stack.client(dev) as c:
+        artifact_id = await upload(c, src)
+        await download(c, artifact_id, out)
+    for name, content in data.items():
+        assert (out / "tokenizer" / name).read_bytes() == content
+    assert calls.count("complete_multipart") == 40 and calls.count("create_multipart") == 40
+    # Never more at once than the bound, and more than one: 40 files are not 120 round trips
+    # one after another.
+    assert 1 < most <= STORAGE_CALLS_AT_ONCE
+
+
+async def test_a_resumed_download_fetches_only_the_remainder(stack: Stack, tmp_path: Path) -> None:
+    """The journal's word for the parts written: nothing kept is read back before the download
+    goes on, and only the parts missing are fetched."""
+    dev = await stack.principal("dana", "developer", org="lab")
+    data = write(tmp_path / "big.bin", 21 * MIB + 3)  # five parts: four of 5 MiB and a short one
+    out = tmp_path / "out"
+    out.mkdir()
+    async with stack.client(dev) as c:
+        artifact_id = await upload(c, tmp_path / "big.bin")
+        with pytest.raises(Interrupted):
+            await download(c, artifact_id, out, concurrency=1, progress=interrupt_after(9 * MIB))
+        journal = (out / f"big.bin{PARTIAL_SUFFIX}.parts").read_text().splitlines()[1:]
+        kept = len(journal) * 5 * MIB
+        assert kept >= 10 * MIB
+        moved = 0
+
+        def progress(n: int) -> None:
+            nonlocal moved
+            moved += n
+
+        def never(*args: Any) -> bool:
+            raise AssertionError("a kept part was re-encrypted to check it")
+
+        resumed_from: list[int] = []
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(_download, "_part_matches", never)
+            await download(
+                c, artifact_id, out, progress=progress, on_start=lambda i, done: resumed_from.append(done)
+            )
+    assert resumed_from == [kept]
+    assert moved == len(data) - kept
+    assert (out / "big.bin").read_bytes() == data
+    assert listing(out) == ["big.bin"]
+
+
+@pytest.mark.parametrize("journal", ["another manifest's", "none", "a forged line"])
+async def test_a_journal_not_to_be_trusted_falls_back_to_checking(
+    stack: Stack, tmp_path: Path, journal: str
+) -> None:
+    dev = await stack.principal("dana", "developer", org="lab")
+    data = write(tmp_path / "big.bin", 16 * MIB)
+    out = tmp_path / "out"
+    out.mkdir()
+    path = out / f"big.bin{PARTIAL_SUFFIX}.parts"
+    async with stack.client(dev) as c:
+        artifact_id = await upload(c, tmp_path / "big.bin")
+        with pytest.raises(Interrupted):
+            await download(c, artifact_id, out, concurrency=1, progress=interrupt_after(1))
+        header, *lines = path.read_text().splitlines()
+        assert header.startswith("exchange download journal v1 manifest ") and lines[0] == "1 big.bin"
+        kept = len(lines) * 5 * MIB
+        if journal == "another manifest's":
+            path.write_text("exchange download journal v1 manifest " + "0" * 64 + "\n1 big.bin\n4 big.bin\n")
+        elif journal == "none":
+            path.unlink()
+        else:  # says part 4 is written: it is not
+            path.write_text(f"{header}\n" + "".join(f"{line}\n" for line in lines) + "4 big.bin\n")
+        resumed_from: list[int] = []
+        await download(c, artifact_id, out, on_start=lambda i, done: resumed_from.append(done))
+    # Another manifest's journal, or none: each kept part is checked by re-encrypting it (part 1
+    # holds). A forged line is believed at first (part 4, the last, 1 MiB), and the file's
+    # SHA-256 then sends the download back to check every part.
+    assert resumed_from == ([kept + 1 * MIB] if journal == "a forged line" else [kept])
+    assert (out / "big.bin").read_bytes() == data
+    assert listing(out) == ["big.bin"]
