@@ -77,6 +77,7 @@ class ObjectInfo:
     key: str
     size: int
     etag: str
+    checksum_sha256: str | None = None  # base64, when asked for and storage keeps one
 
 
 def _minio_presigner(endpoint: str, region: str, access_key_id: str, secret_access_key: str) -> Minio | None:
@@ -297,12 +298,20 @@ class Storage:
 
     # -- objects --------------------------------------------------------------------------------
 
-    async def head(self, key: str) -> ObjectInfo | None:
+    async def head(self, key: str, *, checksum: bool = False) -> ObjectInfo | None:
+        """The object's size and ETag (and, with `checksum`, the SHA-256 it was stored with, if
+        any: an object sent by one PUT bound to a checksum keeps it); None if there is none."""
+        extra = {"ChecksumMode": "ENABLED"} if checksum else {}
         try:
-            answer = await self._run(self._client.head_object, Bucket=self.bucket, Key=key)
+            answer = await self._run(self._client.head_object, Bucket=self.bucket, Key=key, **extra)
         except NotFound:
             return None
-        return ObjectInfo(key=key, size=answer["ContentLength"], etag=answer["ETag"])
+        return ObjectInfo(
+            key=key,
+            size=answer["ContentLength"],
+            etag=answer["ETag"],
+            checksum_sha256=answer.get("ChecksumSHA256"),
+        )
 
     async def delete(self, key: str) -> None:
         await self._run(self._client.delete_object, Bucket=self.bucket, Key=key)

@@ -183,6 +183,19 @@ class Stack:
     def client(self, identity: Identity | None = None) -> Client:
         return Client(self.url, identity)
 
+    def own_storage(self) -> Any:
+        """A `Storage` of its own on the stack's bucket, with the service's keys: what someone
+        holding the store's credentials can do. Close it."""
+        from exchange.storage import Storage
+
+        return Storage(
+            endpoint=self.settings.s3_endpoint,
+            region="us-east-1",
+            bucket=BUCKET,
+            access_key_id=self.settings.s3_access_key_id,
+            secret_access_key=self.settings.s3_secret_access_key,
+        )
+
     async def principal(self, name: str, role: str, org: str = "lab") -> Identity:
         """Enrol a new principal through a real invite; return its identity."""
         async with self.client(self.admin) as admin:

@@ -184,6 +184,7 @@ async def part_urls(request: web.Request) -> web.Response:
         wanted,
         limits=_limits(settings),
         ttl_s=settings.presign_ttl_s,
+        now_ms=now,
     )
     return web.json_response(
         {
@@ -702,7 +703,8 @@ def schemas(settings: Settings) -> dict[str, Schema]:
 
 
 async def sweep_once(app: web.Application) -> list[str]:
-    """Abort abandoned uploads and finish purging deleted artifacts; the ids of either."""
+    """Abort abandoned uploads, finish purging deleted artifacts, and delete again what a PUT URL
+    issued before either could have put back; the ids of the artifacts aborted or purged."""
     settings = app[SETTINGS]
     aborted = await uploads.sweep_abandoned(
         app[DB],
@@ -711,7 +713,14 @@ async def sweep_once(app: web.Application) -> list[str]:
         now_ms=app[CLOCK](),
         abandon_after_s=settings.upload_abandon_after_s,
     )
-    return aborted + await deletion.purge_pending(app[DB], app[STORAGE], app[AUDIT], now_ms=app[CLOCK]())
+    purged = await deletion.purge_pending(app[DB], app[STORAGE], app[AUDIT], now_ms=app[CLOCK]())
+    returned = await uploads.sweep_returned(app[DB], app[STORAGE], now_ms=app[CLOCK]())
+    if returned:
+        log.info(
+            "deleted %d object(s) of aborted or deleted artifacts again, once their PUT URLs expired",
+            returned,
+        )
+    return aborted + purged
 
 
 async def sweep_forever(app: web.Application) -> None:

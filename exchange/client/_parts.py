@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import (
+    Conflict,
     ExchangeError,
     LocalFileError,
     StorageUnavailable,
@@ -154,12 +155,14 @@ def _encrypt_step(
     count: int,
     where: str,
     out: memoryview,
+    plain_hash: Any = None,
 ) -> int:
     """Encrypt chunks [first, first + count) of part `r` (with the nonce if they open the part's
     payload) from the plaintext at their offset into the start of `out`; return the bytes written.
 
     The plaintext is read _READ_CHUNKS chunks at a time into a small buffer of this thread's,
-    which stays in the CPU cache, and sealed from there straight into `out`."""
+    which stays in the CPU cache, and sealed from there straight into `out`; `plain_hash`, if
+    given, is updated with it on the way (one read for both)."""
     pos = 0
     if r.has_nonce and first == r.first_chunk:
         out[:NONCE] = nonce
@@ -172,6 +175,8 @@ def _encrypt_step(
         view = plain[: min(n * age.CHUNK_SIZE, size - start)]
         _pread_into(fd, view, start, where)
         with _cpu():
+            if plain_hash is not None:
+                plain_hash.update(view)
             pos += age.encrypt_chunks_into(
                 key, sub, view, out[pos:], last=r.has_final_chunk and sub + n == final
             )
@@ -179,13 +184,13 @@ def _encrypt_step(
 
 
 def _encrypted_steps(
-    key: bytes, nonce: bytes, fd: int, size: int, r: PartRange, where: str
+    key: bytes, nonce: bytes, fd: int, size: int, r: PartRange, where: str, plain_hash: Any = None
 ) -> Iterator[memoryview]:
     """Part `r`'s ciphertext, encrypted a step at a time into one buffer: each piece yielded is
     overwritten by the next, so the consumer must be done with it first (a sendall is)."""
     out = _buffer(_STREAM_CHUNKS * _E + NONCE)
     for first, count in _steps(r):
-        yield out[: _encrypt_step(key, nonce, fd, size, r, first, count, where, out)]
+        yield out[: _encrypt_step(key, nonce, fd, size, r, first, count, where, out, plain_hash)]
 
 
 def _encrypt_part_into(
@@ -213,19 +218,55 @@ def _hash_part_streaming(key: bytes, nonce: bytes, fd: int, size: int, r: PartRa
     return h.digest()
 
 
-def _sha256_file(fd: int, size: int, where: str) -> bytes:
+def _sha256_range(h: Any, fd: int, start: int, end: int, block: memoryview, where: str) -> None:
     # pread, not mmap: a source file truncated by someone else meanwhile must be an error here,
     # not a SIGBUS.
-    h = hashlib.sha256()
-    block = _buffer(_READ_BLOCK)
-    offset = 0
-    while offset < size:
-        view = block[: min(_READ_BLOCK, size - offset)]
+    offset = start
+    while offset < end:
+        view = block[: min(len(block), end - offset)]
         _pread_into(fd, view, offset, where)
         with _cpu():
             h.update(view)
         offset += len(view)
+
+
+def _sha256_checking(
+    key: bytes,
+    nonce: bytes,
+    fd: int,
+    size: int,
+    ranges: list[PartRange],
+    kept: dict[int, bytes],
+    where: str,
+    checked: Callable[[int], None],
+) -> bytes:
+    """The file's SHA-256, in one pass that also checks that each part in `kept` (number ->
+    the digest its URL was bound to: a part storage holds) still encrypts to that digest; its
+    plaintext is read once for both. `checked(bytes)` is called for each part found unchanged.
+    Raise Conflict `file-changed` for one that is not."""
+    h = hashlib.sha256()
+    block = _buffer(_READ_BLOCK)
+    for r in ranges:
+        digest = kept.get(r.number)
+        if digest is None:
+            _sha256_range(h, fd, r.plain_start, r.plain_end, block, where)
+            continue
+        part = hashlib.sha256()
+        for piece in _encrypted_steps(key, nonce, fd, size, r, where, plain_hash=h):
+            with _cpu():
+                part.update(piece)
+        if part.digest() != digest:
+            raise _file_changed(where, r.number)
+        checked(r.plain_end - r.plain_start)
     return h.digest()
+
+
+def _file_changed(where: str, number: int) -> Conflict:
+    return Conflict(
+        f"{where} changed since this upload began (part {number} differs);"
+        " abort the old upload (`exchange artifacts abort ID`) and upload again",
+        code="file-changed",
+    )
 
 
 def _part_matches(key: bytes, nonce: bytes, fd: int, size: int, r: PartRange, digest: bytes) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import os
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,10 +29,11 @@ from ._parts import (
     _buffer,
     _encrypt_part_into,
     _encrypted_steps,
+    _file_changed,
     _first_error,
     _hash_part_streaming,
     _retrying,
-    _sha256_file,
+    _sha256_checking,
 )
 from ._storage_http import StorageHTTP, raise_for_answer
 
@@ -45,12 +47,16 @@ class _URLBatcher:
     size (measured: some 10 ms of its CPU per call, on the cores storage needs too; one part per
     call made the service spend ~1.8 CPU seconds per GiB uploaded, batching halves that). So a
     request waits for others, but never while storage could run dry: requests go at once when
-    fewer than `busy_at` parts are on their way to storage (`poke` is called as each arrives), and
-    otherwise when `max_batch` are waiting, or the first has waited WAIT_S, or the call before
-    them has answered (one call at a time then: what arrives meanwhile goes into the next).
+    fewer than `busy_at` parts are on their way to storage (`poke` is called as each arrives) and
+    fewer than MOST_CALLS calls are out, and otherwise when `max_batch` are waiting, or the first
+    has waited WAIT_S, or the call before them has answered (one call at a time then: what
+    arrives meanwhile goes into the next).
     """
 
     WAIT_S = 0.25
+    #: Calls at once while storage runs dry: parts that arrive while they are answered wait for
+    #: the next (one call per part would cost the service a call per small file).
+    MOST_CALLS = 2
 
     def __init__(
         self, client: Client, artifact_id: str, max_batch: int, sending: Callable[[], int], busy_at: int
@@ -82,7 +88,7 @@ class _URLBatcher:
         loop = asyncio.get_running_loop()
         starving = self._sending() < self._busy_at
         due = answered or loop.time() - self._since >= self.WAIT_S or len(self._pending) >= self._max
-        if starving or (due and not self._calls):
+        if (starving and len(self._calls) < self.MOST_CALLS) or (due and not self._calls):
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
@@ -132,6 +138,15 @@ class _UploadFile:
     stored: dict[int, int]
     digests: dict[int, bytes] = field(default_factory=dict)
     sha256: bytes = b""
+
+    @functools.cached_property
+    def kept(self) -> dict[int, bytes]:
+        """The parts storage holds whole, with the digests their URLs were bound to."""
+        return {
+            r.number: self.recorded[r.number]
+            for r in self.ranges
+            if self.stored.get(r.number) == r.size and r.number in self.recorded
+        }
 
 
 async def _find_resumable(
@@ -238,6 +253,33 @@ def _b64d(text: str) -> bytes:
 #: Encrypted parts held in memory at once (being sent, or ready behind those) stay within this
 #: many bytes: with the default 8 MiB parts and 6 in flight, 9 parts, ~72 MiB.
 MEMORY_BUDGET_BYTES = 80 * 1024 * 1024
+#: Parts in flight at once, however small: their URLs are asked for together, so a directory of
+#: small files costs the service a few calls of many parts, not a call a file.
+MOST_PARTS_IN_FLIGHT = 128
+#: Buffers of parts this large or larger are reused from part to part; smaller ones are made for
+#: each part (cheap), so the reused ones number at most the held bytes over this.
+_POOLED_PART_BYTES = 1024 * 1024
+
+
+class _ByteBudget:
+    """A semaphore counted in bytes, for one taker: `take(n)` waits until n more fit (or nothing
+    is taken: a single cost above the limit still goes, alone)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.taken = 0
+        self._waiting: asyncio.Future[None] | None = None
+
+    async def take(self, n: int) -> None:
+        while self.taken and self.taken + n > self.limit:
+            self._waiting = asyncio.get_running_loop().create_future()
+            await self._waiting
+        self.taken += n
+
+    def give(self, n: int) -> None:
+        self.taken -= n
+        if self._waiting is not None and not self._waiting.done():
+            self._waiting.set_result(None)
 
 
 class _Upload:
@@ -245,9 +287,12 @@ class _Upload:
     that when sends finish, as they tend to, several at once, the next parts already hold their
     URLs and storage is never left waiting for encryption and a URL round trip.
 
-    At most `concurrency` parts are sent at a time, and at most `held` parts exist at a time: up
-    to half as many again as are sent, within MEMORY_BUDGET_BYTES. A part larger than
-    `memory_part_bytes` is never held: it is encrypted twice, once to hash and once to send.
+    At most `concurrency` parts are sent at a time, and the parts in flight hold at most
+    `budget` bytes: as many as half as many again as are sent, of the largest part's size,
+    within MEMORY_BUDGET_BYTES (so 9 parts of a large file; many more of small files, up to
+    MOST_PARTS_IN_FLIGHT, whose URLs then come in few calls). A part larger than
+    `memory_part_bytes` is never held: it is encrypted twice, once to hash and once to send; it
+    counts as a `concurrency`th of the budget.
     """
 
     def __init__(
@@ -273,7 +318,7 @@ class _Upload:
         self.urls = _URLBatcher(
             client,
             artifact_id,
-            max_batch=self.concurrency + self.ahead,
+            max_batch=MOST_PARTS_IN_FLIGHT,
             sending=lambda: self.sending,
             busy_at=max(1, self.concurrency // 2),
         )
@@ -288,50 +333,81 @@ class _Upload:
         self.hasher = ThreadPoolExecutor(1, "sha256", initializer=cpu.bind)
         self.buffers: list[memoryview] = []
 
-    def held(self, files: Sequence[_UploadFile]) -> int:
-        """How many parts may be in flight at once (see the class)."""
+    def budget(self, files: Sequence[_UploadFile]) -> int:
+        """The bytes the parts in flight may hold at once (see the class)."""
         largest = max(
             (r.size for f in files for r in f.ranges if r.size <= self.memory_part_bytes), default=0
         )
-        if not largest:  # every part is streamed: none is held
-            return self.concurrency
-        return max(1, min(self.concurrency + self.ahead, self.memory_budget_bytes // largest))
+        if not largest:  # every part is streamed: none is held, `concurrency` are in flight
+            return self.concurrency * self.memory_part_bytes
+        return max(largest, min((self.concurrency + self.ahead) * largest, self.memory_budget_bytes))
+
+    def cost(self, r: PartRange, budget: int) -> int:
+        """What part `r` takes of `budget` while in flight."""
+        return r.size if r.size <= self.memory_part_bytes else max(1, budget // self.concurrency)
 
     async def run(self, files: Sequence[_UploadFile]) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            slots = asyncio.Semaphore(self.held(files))
-            hashes = [
-                loop.run_in_executor(self.hasher, _sha256_file, f.fd, f.source.size, str(f.source.source))
-                for f in files
-            ]
+            budget = self.budget(files)
+            held = _ByteBudget(budget)
+            slots = asyncio.Semaphore(MOST_PARTS_IN_FLIGHT)
             try:
-                # Parts storage lacks go first, so that a resumed upload keeps storage busy from
-                # the start; the parts it holds are only re-encrypted to check that the file has
-                # not changed (before the manifest is signed), which can wait.
-                pending = sorted(
-                    ((f, r) for f in files for r in f.ranges),
-                    key=lambda fr: fr[0].stored.get(fr[1].number) == fr[1].size,
-                )
                 async with asyncio.TaskGroup() as group:
-                    for f, r in pending:
-                        await slots.acquire()
-                        group.create_task(self._part(f, r, slots))
+                    # Parts storage holds (a resumed upload) are not sent again; they are only
+                    # checked to encrypt to what their URLs were bound to (the file has not changed
+                    # since), by the hasher, in the same read of the file as its SHA-256. The
+                    # others are sent; their hashing may lag behind them.
+                    group.create_task(self._hash(files))
+                    for f in files:
+                        for r in f.ranges:
+                            if r.number not in f.kept:
+                                cost = self.cost(r, budget)
+                                await held.take(cost)
+                                await slots.acquire()
+                                group.create_task(self._part(f, r, slots, held, cost))
             except BaseExceptionGroup as eg:
                 raise _first_error(eg) from None
-            for f, sha in zip(files, await asyncio.gather(*hashes), strict=True):
-                f.sha256 = sha
         finally:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.senders.shutdown(wait=True, cancel_futures=True)
             self.hasher.shutdown(wait=True, cancel_futures=True)
 
-    async def _part(self, f: _UploadFile, r: PartRange, slots: asyncio.Semaphore) -> None:
+    async def _hash(self, files: Sequence[_UploadFile]) -> None:
+        loop = asyncio.get_running_loop()
+
+        def checked(nbytes: int) -> None:
+            loop.call_soon_threadsafe(self.progress, nbytes)
+
+        for f in files:
+            f.sha256 = await loop.run_in_executor(
+                self.hasher,
+                _sha256_checking,
+                f.key,
+                f.nonce,
+                f.fd,
+                f.source.size,
+                f.ranges,
+                f.kept,
+                str(f.source.source),
+                checked,
+            )
+            f.digests.update(f.kept)
+
+    async def _part(
+        self, f: _UploadFile, r: PartRange, slots: asyncio.Semaphore, held: _ByteBudget, cost: int
+    ) -> None:
         loop = asyncio.get_running_loop()
         where = str(f.source.source)
         streamed = r.size > self.memory_part_bytes
-        # Parts in flight are bounded by `slots`, so at most that many buffers ever exist.
-        buf = None if streamed else (self.buffers.pop() if self.buffers else _buffer(r.size))
+        pooled = not streamed and r.size >= _POOLED_PART_BYTES
+        # Parts in flight hold at most the budget, so at most budget / _POOLED_PART_BYTES pooled
+        # buffers ever exist.
+        if streamed:
+            buf = None
+        elif pooled and self.buffers:
+            buf = self.buffers.pop()
+        else:
+            buf = _buffer(r.size)
         try:
             if buf is None:
                 digest = await loop.run_in_executor(
@@ -345,19 +421,15 @@ class _Upload:
                 )
             known = f.recorded.get(r.number)
             if known is not None and known != digest:
-                raise Conflict(
-                    f"{f.source.source} changed since this upload began (part {r.number} differs);"
-                    " abort the old upload (`exchange artifacts abort ID`) and upload again",
-                    code="file-changed",
-                )
-            if f.stored.get(r.number) != r.size:
-                await _retrying(f"part {r.number} of {f.source.path}", lambda: self._put(f, r, digest, buf))
+                raise _file_changed(str(f.source.source), r.number)
+            await _retrying(f"part {r.number} of {f.source.path}", lambda: self._put(f, r, digest, buf))
             f.digests[r.number] = digest
             self.progress(r.plain_end - r.plain_start)
         finally:
-            if buf is not None:
+            if buf is not None and pooled:
                 self.buffers.append(buf)
             slots.release()
+            held.give(cost)
 
     async def _put(self, f: _UploadFile, r: PartRange, digest: bytes, buf: memoryview | None) -> None:
         # A fresh URL for every attempt: URLs are short-lived and re-issuable.

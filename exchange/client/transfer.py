@@ -34,14 +34,17 @@ key or a full disk removes the partial output and names the file that failed.
 Threads. The bytes move on worker threads with blocking HTTP (`_storage_http`); the event
 loop only schedules parts, asks the API for URLs and reports progress.
 
-Memory. An upload encrypts each part once, into a buffer reused from part to part, hashes it as
-it is sealed and sends it from there; it holds at most `concurrency` parts being sent plus half as
-many ready behind them, within `_upload.MEMORY_BUDGET_BYTES` (80 MiB: 9 parts at the default 8 MiB, fewer
-when parts are larger). A part larger than `memory_part_bytes` (files over ~300 GiB) is never
-held: it is encrypted twice, once to hash and once to send, which gives the same bytes since the
-key and nonce are fixed. A download holds about 1 MiB per part in flight, whatever the part
-size, and an 8 MiB buffer to read back and hash. Peak RSS, measured: 125 MiB uploading and 71 to
-77 MiB downloading, at 1 GiB and 32 GiB alike (`scripts/bench-transfer`).
+Memory. An upload encrypts each part once, into a buffer reused from part to part, hashes it as it
+is sealed and sends it from there; its parts in flight hold at most as many bytes as `concurrency`
+parts of the largest size plus half as many again, within `_upload.MEMORY_BUDGET_BYTES` (80 MiB: 9
+parts at the default 8 MiB, fewer when parts are larger; small files' parts many at once, up to
+`_upload.MOST_PARTS_IN_FLIGHT`, so their URLs come in few calls). A resumed upload reads each part
+storage already holds once, to check it against its digest and for the file's SHA-256 in the same
+pass. A part larger than `memory_part_bytes` (files over ~300 GiB) is never held: it is encrypted
+twice, once to hash and once to send, which gives the same bytes since the key and nonce are fixed.
+A download holds about 1 MiB per part in flight, whatever the part size, and an 8 MiB buffer to read
+back and hash. Peak RSS, measured: 125 MiB uploading and 71 to 77 MiB downloading, at 1 GiB and 32
+GiB alike (`scripts/bench-transfer`).
 
 What this module does not do: print, draw progress bars or exit. It reports progress through a
 callback and raises `ExchangeError`s.
@@ -227,12 +230,17 @@ async def upload(
     total = sum(f.size for f in sources)
     if on_start is not None:
         on_start(artifact_id, total, resumed)
-    status = await api.upload_status(client, artifact_id)
+    # What is recorded and stored: nothing yet for an upload just started (asking would cost the
+    # service a storage call for each file of one part).
+    fresh: dict[str, Any] = {"recorded": [], "stored": []}
+    states = (
+        (await api.upload_status(client, artifact_id))["files"] if resumed else [fresh] * len(detail["files"])
+    )
     by_path = {f.path: f for f in sources}
     part_size = int(detail["part_size"])
     files: list[_UploadFile] = []
     try:
-        for entry, st in zip(detail["files"], status["files"], strict=True):
+        for entry, st in zip(detail["files"], states, strict=True):
             source = by_path[entry["path"]]
             nonce = _b64d(entry["nonce"])
             try:

@@ -12,12 +12,21 @@ The life of an upload:
                 picks the part size                                          -> 'uploading'
     part URLs   for each part the client names the SHA-256 of its ciphertext; the service records
                 it (a part's digest never changes) and answers with a URL bound to that size and
-                digest, so storage refuses any other bytes; re-issuable, in batches
+                digest, so storage refuses any other bytes; re-issuable, in batches. A file of
+                one part gets a PUT of its whole object (one storage call fewer to start it, three
+                fewer to finish it); a larger file, a multipart upload started on first need
     complete    the client sends its signed manifest; the service verifies the signature with
                 the uploader's registered key, checks every per-file value against its own
                 records, checks what storage holds, assembles the objects    -> 'complete'
     abort       by the uploader, or by the sweeper once `upload_abandon_after_s` has passed:
                 multipart uploads aborted, objects removed                   -> 'aborted'
+
+A PUT URL outlives the upload it was issued for (a part URL dies with its multipart upload): used
+after an abort or a deletion it would put the object back. So each file records until when its
+last PUT URL may work (`put_until_ms`: expiry plus `STORAGE_CLOCK_SKEW_S`), and the sweeper
+deletes the object of an aborted or deleted artifact once that time has passed
+(`sweep_returned`). A URL only ever carries the bytes it was bound to, so before then an object
+put back is the same ciphertext, never anything else.
 
 Each change and its audit event commit together. The decisions (may this principal continue the
 upload; does the manifest match the records; does storage hold the parts the layout says) are
@@ -84,6 +93,7 @@ __all__ = [
     "remove_from_storage",
     "require_uploader",
     "sweep_abandoned",
+    "sweep_returned",
     "upload_status",
 ]
 
@@ -258,8 +268,13 @@ async def upload_status(
         files = await artifact_files(conn, artifact_id)
         digests = await part_digests(conn, artifact_id)
     stored: dict[int, list[Part]] = {}
-    for f in files:
-        if f.upload_id is not None:
+
+    async def one(f: ArtifactFile) -> None:
+        if _one_put(f):
+            info = await storage.head(f.object_key)
+            if info is not None and info.size == f.ciphertext_size:
+                stored[f.idx] = [Part(1, info.size, info.etag, None)]
+        elif f.upload_id is not None:
             try:
                 unique = {p.number: p for p in await storage.list_parts(f.object_key, f.upload_id)}
             except NotFound:
@@ -272,6 +287,8 @@ async def upload_status(
                 ranges = part_ranges(f.plaintext_size, artifact.part_size)
                 unique = {r.number: Part(r.number, r.size, "", None) for r in ranges}
             stored[f.idx] = [unique[n] for n in sorted(unique)]
+
+    await _each(files, one)
     return artifact, files, digests, stored
 
 
@@ -420,6 +437,17 @@ async def _each(items: Sequence[_T], work: Callable[[_T], Awaitable[None]]) -> N
             raise outcome
 
 
+#: How long after its expiry storage may still honour a presigned URL: storage checks the expiry
+#: against its own clock, and S3 tolerates 15 minutes of skew in a request's time.
+STORAGE_CLOCK_SKEW_S = 15 * 60
+
+
+def _one_put(f: ArtifactFile) -> bool:
+    """Is `f` sent as one PUT of its object? Files of one part are, unless a multipart upload was
+    started for one already (by a replica of a version before single PUTs: it is finished as such)."""
+    return f.part_count == 1 and f.upload_id is None
+
+
 async def _ensure_upload(db: Database, storage: Storage, artifact_id: str, f: ArtifactFile) -> str:
     """The file's multipart upload, created on first need. Two racing requests keep one."""
     if f.upload_id is not None:
@@ -452,11 +480,13 @@ async def issue_part_urls(
     *,
     limits: Limits,
     ttl_s: int,
+    now_ms: int,
 ) -> list[PartURL]:
     """Record each (file, part number, SHA-256) and answer with URLs bound to size and digest.
 
     A part's digest is fixed by the first request that names it (the ciphertext is a function of
     the plaintext, the file key and the nonce, all fixed at creation); naming another is refused.
+    A file of one part gets a PUT of its object, and records until when that URL may work.
     """
     if not requests:
         raise ValidationError("ask for at least one part")
@@ -506,6 +536,16 @@ async def issue_part_urls(
                 size,
                 digest,
             )
+        one_put = sorted({i for i, _, _ in requests if _one_put(files[i])})
+        if one_put:
+            # Never earlier than a URL issued before (by a replica whose clock runs ahead).
+            await conn.execute(
+                "UPDATE artifact_files SET put_until_ms = CASE WHEN put_until_ms > $1 THEN put_until_ms"  # noqa: S608 - placeholders only
+                f" ELSE $1 END WHERE artifact_id = $2 AND idx IN ({placeholders(3, len(one_put))})",
+                now_ms + (ttl_s + STORAGE_CLOCK_SKEW_S) * 1000,
+                artifact_id,
+                *one_put,
+            )
         if new:
             await audit.append(
                 conn,
@@ -519,19 +559,25 @@ async def issue_part_urls(
     async def ensure(file_idx: int) -> None:
         uploads[file_idx] = await _ensure_upload(db, storage, artifact_id, files[file_idx])
 
-    await _each(sorted({f for f, _, _ in requests}), ensure)
+    await _each(sorted({i for i, _, _ in requests if not _one_put(files[i])}), ensure)
     out = []
     for file_idx, number, digest in requests:
-        f = files[file_idx]
-        request = storage.presign_upload_part(
-            f.object_key,
-            uploads[file_idx],
-            number,
-            ttl_s=ttl_s,
-            content_length=sizes[(file_idx, number)],
-            checksum_sha256=base64.b64encode(digest).decode("ascii"),
-        )
-        out.append(PartURL(file=file_idx, number=number, size=sizes[(file_idx, number)], request=request))
+        f, size = files[file_idx], sizes[(file_idx, number)]
+        checksum = base64.b64encode(digest).decode("ascii")
+        if file_idx in uploads:
+            request = storage.presign_upload_part(
+                f.object_key,
+                uploads[file_idx],
+                number,
+                ttl_s=ttl_s,
+                content_length=size,
+                checksum_sha256=checksum,
+            )
+        else:
+            request = storage.presign_put(
+                f.object_key, ttl_s=ttl_s, content_length=size, checksum_sha256=checksum
+            )
+        out.append(PartURL(file=file_idx, number=number, size=size, request=request))
     return out
 
 
@@ -542,7 +588,11 @@ async def _assembled(storage: Storage, f: ArtifactFile) -> bool:
 
 
 async def _assemble(storage: Storage, artifact: Artifact, f: ArtifactFile, digests: dict[int, bytes]) -> None:
-    """Complete one file's multipart upload after checking what storage holds."""
+    """Complete one file's multipart upload after checking what storage holds; or check the object
+    a single PUT stored."""
+    if _one_put(f):
+        await _check_put(storage, f, digests)
+        return
     ranges = part_ranges(f.plaintext_size, artifact.part_size)
     if f.upload_id is None:
         raise Conflict(f"{f.path!r}: no part has been uploaded", code="parts-missing")
@@ -581,6 +631,24 @@ async def _assemble(storage: Storage, artifact: Artifact, f: ArtifactFile, diges
     info = await storage.head(f.object_key)
     if info is None or info.size != f.ciphertext_size:
         raise Conflict(f"{f.path!r}: the assembled object has the wrong size", code="part-size-mismatch")
+
+
+async def _check_put(storage: Storage, f: ArtifactFile, digests: dict[int, bytes]) -> None:
+    """Does storage hold the object `f`'s single PUT was bound to? Raise Conflict if not."""
+    info = await storage.head(f.object_key, checksum=True)
+    if info is None:
+        raise Conflict(f"{f.path!r}: part(s) 1 not uploaded yet", code="parts-missing")
+    if info.size != f.ciphertext_size:
+        raise Conflict(
+            f"{f.path!r}: stored part 1 is {info.size} bytes, not {f.ciphertext_size}",
+            code="part-size-mismatch",
+        )
+    # Its URL let storage take no other bytes; a store that reports the checksum confirms it.
+    if info.checksum_sha256 is not None and info.checksum_sha256 != base64.b64encode(digests[1]).decode():
+        raise Conflict(
+            f"{f.path!r}: the stored object does not match the digest its URL was issued for",
+            code="part-digest-mismatch",
+        )
 
 
 #: One lock per (database, artifact) being completed in this process; gone once unused.
@@ -755,3 +823,31 @@ async def sweep_abandoned(
             continue  # completed or aborted meanwhile
         aborted.append(artifact.id)
     return aborted
+
+
+async def sweep_returned(db: Database, storage: Storage, *, now_ms: int, limit: int = 100) -> int:
+    """Delete again the objects of aborted or deleted artifacts that a PUT URL issued before the
+    end could still have put back, once no such URL works any more; the number deleted."""
+    rows = await db.fetchall(
+        "SELECT f.artifact_id, f.idx, f.object_key, f.put_until_ms,"
+        " (a.status = 'aborted' OR a.deleted_at_ms IS NOT NULL) AS gone"
+        " FROM artifact_files f JOIN artifacts a ON a.id = f.artifact_id"
+        " WHERE f.put_until_ms IS NOT NULL AND f.put_until_ms <= $1 ORDER BY f.put_until_ms LIMIT $2",
+        now_ms,
+        limit,
+    )
+    deleted = 0
+    for row in rows:
+        # An artifact still uploading or complete keeps its object; its URLs are simply over.
+        if row["gone"]:
+            await storage.delete(row["object_key"])
+            deleted += 1
+        # Guarded: a URL issued meanwhile (still uploading) keeps its own, later time.
+        await db.execute(
+            "UPDATE artifact_files SET put_until_ms = NULL WHERE artifact_id = $1 AND idx = $2"
+            " AND put_until_ms = $3",
+            row["artifact_id"],
+            row["idx"],
+            row["put_until_ms"],
+        )
+    return deleted

@@ -33,7 +33,6 @@ from exchange.errors import (
 from exchange.format import age
 from exchange.format.manifest import FileEntry, Manifest, ciphertext_digest, part_ranges
 from exchange.identity import Identity
-from exchange.storage import Storage
 from tests.artifacts.conftest import BUCKET, write
 from tests.conftest import Stack
 from tests.test_storage import send
@@ -351,13 +350,7 @@ async def test_missing_and_wrongly_sized_parts_are_refused_at_completion(stack: 
         await hand.url(2)
         upload_id = await stack.db.fetchval("SELECT upload_id FROM artifact_files")
         wrong = os.urandom(len(hand.part(2)) - 1)
-        storage = Storage(
-            endpoint=stack.settings.s3_endpoint,
-            region="us-east-1",
-            bucket=BUCKET,
-            access_key_id=stack.settings.s3_access_key_id,
-            secret_access_key=stack.settings.s3_secret_access_key,
-        )
+        storage = stack.own_storage()
         try:
             req = storage.presign_upload_part(
                 detail["files"][0]["object"],

@@ -20,7 +20,6 @@ from exchange.client import artifacts as api
 from exchange.client.transfer import PARTIAL_SUFFIX, download, upload
 from exchange.errors import Conflict, NotFound
 from exchange.format import age
-from exchange.storage import Storage
 from tests.artifacts.conftest import BUCKET, write
 from tests.conftest import FakeClock, Stack
 
@@ -165,6 +164,100 @@ async def test_resume_refuses_a_file_that_changed(stack: Stack, tmp_path: Path) 
         assert artifact_id != pending["id"]
 
 
+async def test_parts_in_flight_hold_at_most_the_memory_budget(
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parts in flight are counted in bytes: small ones many at a time, large ones few, and never
+    more than the budget at once."""
+    from exchange.client import _upload
+
+    most = 0
+    real_take = _upload._ByteBudget.take
+
+    async def take(self: Any, n: int) -> None:
+        nonlocal most
+        await real_take(self, n)
+        most = max(most, self.taken)
+        assert self.limit == 8 * MIB
+
+    monkeypatch.setattr(_upload, "MEMORY_BUDGET_BYTES", 8 * MIB)
+    monkeypatch.setattr(_upload._ByteBudget, "take", take)
+    dev = await stack.principal("dana", "developer", org="lab")
+    src = tmp_path / "src" / "shards"
+    data = {f"s{i}.bin": write(src / f"s{i}.bin", 3 * MIB + i) for i in range(6)}
+    async with stack.client(dev) as c:
+        artifact_id = await upload(c, src)
+        out = tmp_path / "out"
+        out.mkdir()
+        await download(c, artifact_id, out)
+    assert {name: (out / "shards" / name).read_bytes() for name in data} == data
+    assert 3 * MIB < most <= 8 * MIB  # two of these parts at once, never three
+
+
+async def _stopped_upload(stack: Stack, c: Any, source: Path) -> tuple[str, list[Any]]:
+    """An upload of `source` killed after its first part; its id and the parts storage holds."""
+    from exchange.format.manifest import part_ranges
+
+    with pytest.raises(Interrupted):
+        await upload(c, source, concurrency=1, progress=interrupt_after(1))
+    [pending] = await api.list_artifacts(c, status="uploading")
+    status = await api.upload_status(c, pending["id"])
+    ranges = part_ranges(source.stat().st_size, status["part_size"])
+    kept = [ranges[p["number"] - 1] for p in status["files"][0]["stored"]]
+    assert kept and len(kept) < len(ranges)
+    return pending["id"], kept
+
+
+async def test_a_resumed_upload_reads_the_kept_parts_once(
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each part storage holds is read once, to check it still encrypts to its digest and for the
+    file's SHA-256 at the same time; each other part twice (encrypted to send; hashed), as in a
+    fresh upload."""
+    from exchange.client import _parts
+
+    dev = await stack.principal("dana", "developer", org="lab")
+    data = write(tmp_path / "big.bin", 16 * MIB + 5)
+    async with stack.client(dev) as c:
+        artifact_id, kept = await _stopped_upload(stack, c, tmp_path / "big.bin")
+        read = 0
+        real = _parts._pread_into
+
+        def counted(fd: int, view: memoryview, offset: int, where: str) -> None:
+            nonlocal read
+            read += len(view)
+            real(fd, view, offset, where)
+
+        monkeypatch.setattr(_parts, "_pread_into", counted)
+        assert await upload(c, tmp_path / "big.bin") == artifact_id
+        monkeypatch.undo()
+        kept_bytes = sum(r.plain_end - r.plain_start for r in kept)
+        assert read == len(data) + (len(data) - kept_bytes)
+        out = tmp_path / "out"
+        out.mkdir()
+        await download(c, artifact_id, out)
+    assert (out / "big.bin").read_bytes() == data
+
+
+async def test_a_resumed_upload_refuses_a_change_inside_a_kept_part(stack: Stack, tmp_path: Path) -> None:
+    """One byte changed in a part storage already holds: the one-pass check finds it, and the
+    upload is refused before it is completed (the manifest would promise other bytes)."""
+    dev = await stack.principal("dana", "developer", org="lab")
+    source = tmp_path / "big.bin"
+    write(source, 16 * MIB, seed=7)
+    async with stack.client(dev) as c:
+        artifact_id, kept = await _stopped_upload(stack, c, source)
+        with source.open("r+b") as f:
+            f.seek(kept[0].plain_start + 1000)
+            byte = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        with pytest.raises(Conflict) as err:
+            await upload(c, source)
+        assert err.value.code == "file-changed" and f"part {kept[0].number} differs" in err.value.message
+        assert (await api.get(c, artifact_id))["status"] == "uploading"
+
+
 async def test_killed_download_resumes_from_what_was_written(stack: Stack, tmp_path: Path) -> None:
     dev = await stack.principal("dana", "developer", org="lab")
     data = write(tmp_path / "big.bin", 16 * MIB + 5)
@@ -207,13 +300,7 @@ async def test_abandoned_upload_is_aborted_and_its_parts_removed(
     assert await sweep_once(stack.app) == []
     clock.advance(120)
     assert await sweep_once(stack.app) == [pending["id"]]
-    storage = Storage(
-        endpoint=stack.settings.s3_endpoint,
-        region="us-east-1",
-        bucket=BUCKET,
-        access_key_id=stack.settings.s3_access_key_id,
-        secret_access_key=stack.settings.s3_secret_access_key,
-    )
+    storage = stack.own_storage()
     try:
         with pytest.raises(NotFound):
             await storage.list_parts(row["object_key"], row["upload_id"])
@@ -357,7 +444,7 @@ async def test_a_resumed_download_refetches_parts_spoiled_on_disk(stack: Stack, 
     assert listing(out) == ["big.bin"]
 
 
-async def test_an_artifact_of_many_small_files_is_assembled_several_files_at_a_time(
+async def test_an_artifact_of_many_small_files_is_completed_several_files_at_a_time(
     stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from exchange.api.keys import STORAGE
@@ -373,9 +460,7 @@ async def test_an_artifact_of_many_small_files_is_assembled_several_files_at_a_t
         async def call(*args: Any, **kwargs: Any) -> Any:
             nonlocal busy, most
             calls.append(name)
-            if name == "create_multipart":  # several part-URL requests may run at once, 8 each
-                return await real(*args, **kwargs)
-            busy += 1  # the completion: one request
+            busy += 1
             most = max(most, busy)
             try:
                 return await real(*args, **kwargs)
@@ -384,7 +469,7 @@ async def test_an_artifact_of_many_small_files_is_assembled_several_files_at_a_t
 
         return call
 
-    for name in ("create_multipart", "list_parts", "complete_multipart"):
+    for name in ("create_multipart", "list_parts", "complete_multipart", "head"):
         monkeypatch.setattr(storage, name, counted(name))
     dev = await stack.principal("dana", "developer", org="lab")
     src = tmp_path / "src" / "tokenizer"
@@ -393,13 +478,19 @@ async def test_an_artifact_of_many_small_files_is_assembled_several_files_at_a_t
     out.mkdir()
     async with stack.client(dev) as c:
         artifact_id = await upload(c, src)
+        uploaded = list(calls)
         await download(c, artifact_id, out)
     for name, content in data.items():
         assert (out / "tokenizer" / name).read_bytes() == content
-    assert calls.count("complete_multipart") == 40 and calls.count("create_multipart") == 40
-    # The completion's storage calls: never more at once than the bound, and more than one: 40
-    # files are not 80 round trips one after another.
+    calls = uploaded
+    # Files of one part are PUTs of their objects: no multipart upload, one HEAD each to complete.
+    assert calls == ["head"] * 40
+    # Never more at once than the bound, and more than one: 40 files are not 40 round trips one
+    # after another.
     assert 1 < most <= STORAGE_CALLS_AT_ONCE
+    # The client asks for many small files' URLs in one call (it used to ask about one a call).
+    asked = [e["details"]["requested"] for e in await stack.events() if e["action"] == "artifact.parts"]
+    assert sum(asked) == 40 and len(asked) <= 10, asked
 
 
 async def test_a_resumed_download_fetches_only_the_remainder(stack: Stack, tmp_path: Path) -> None:
