@@ -73,6 +73,8 @@ class _DownloadFile:
     done: set[int] = field(default_factory=set)
     #: Of `done`, the parts taken on the journal's word (not read back before this run).
     trusted: set[int] = field(default_factory=set)
+    #: Parts written this run whose plaintext waits in memory for the hasher (number -> buffer).
+    held: dict[int, memoryview] = field(default_factory=dict)
     sha256: bytes = b""
 
 
@@ -132,13 +134,13 @@ def _decrypt_and_write(
     count: int,
     f: _DownloadFile,
     where: str,
+    plain: memoryview,
 ) -> int:
     """Open chunks [first, first + count) of part `r` from `block`, which holds exactly them,
-    into this thread's step buffer (page-aligned), and write them at their offset (a multiple of
-    the chunk size) with one pwrite."""
+    into `plain` (page-aligned: the part's buffer at their place in it, or a step buffer), and
+    write them at their offset (a multiple of the chunk size) with one pwrite."""
     last = r.has_final_chunk and first + count == r.first_chunk + r.chunks
     expected = min(count * age.CHUNK_SIZE, r.plain_end - first * age.CHUNK_SIZE)
-    plain = _plain_buffer()
     try:
         with _cpu():
             opened = age.decrypt_chunks_into(key, first, block, plain, last=last)
@@ -249,6 +251,14 @@ def _hash_range(h: Any, fd: int, start: int, end: int, where: str) -> None:
 
 #: The hasher reads a file back this many bytes at a time when it reads around the page cache.
 _HASH_READ_BYTES = 8 * 1024 * 1024
+#: Decrypted parts waiting in memory for the in-order hasher stay within this many bytes; with
+#: parts too large for a window of them (`_Download.window`), parts are read back to be hashed.
+HELD_PLAINTEXT_BYTES = 96 * 1024 * 1024
+
+
+def _hash_view(h: Any, view: memoryview) -> None:
+    with _cpu():
+        h.update(view)
 
 
 def _hash_range_direct(
@@ -410,9 +420,13 @@ class _URLRefresher:
 
 class _Download:
     """Parts are fetched and decrypted in parallel, streamed in ~1 MiB steps, and written at
-    their offsets; one hasher reads each file back in order as its parts land (with direct I/O, or
-    from the page cache where the file has none), so no part is ever held in memory whole,
-    whatever the part size."""
+    their offsets; one hasher hashes each file in order as its parts land. Each part is decrypted
+    into a buffer of its own, which waits for the hasher and goes back to a small pool: so the
+    plaintext is hashed from memory, never read back from disk, and at most `window` parts'
+    buffers exist (the parts start in order, one buffer each, so the part the hasher waits for
+    always has one). Parts too large for a window within HELD_PLAINTEXT_BYTES, and parts written
+    before this run (a resume), are read back instead (with direct I/O, or from the page cache
+    where the file has none)."""
 
     def __init__(
         self,
@@ -433,6 +447,9 @@ class _Download:
         self.hasher = ThreadPoolExecutor(1, "sha256", initializer=cpu.bind)
         self.flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writeback")
         self._hash_buffer: memoryview | None = None
+        #: Part buffers not in use, and how many more may be made (see the class).
+        self._free: list[memoryview] = []
+        self._buffers: asyncio.Semaphore | None = None
         self.storage = StorageHTTP()
         self._local = threading.local()
 
@@ -496,8 +513,17 @@ class _Download:
         self.journal.start({(f.entry.path, n) for f in files for n in f.done})
         return done
 
+    @property
+    def window(self) -> int:
+        """Part buffers at most: as many again as half the parts in flight, for parts that land
+        out of order while the hasher waits for an earlier one."""
+        return self.concurrency + max(2, self.concurrency // 2)
+
     async def run(self, files: Sequence[_DownloadFile]) -> None:
         slots = asyncio.Semaphore(self.concurrency)
+        largest = max((r.plain_end - r.plain_start for f in files for r in f.ranges), default=0)
+        held = 0 < largest * self.window <= HELD_PLAINTEXT_BYTES
+        self._buffers = asyncio.Semaphore(self.window) if held else None
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._hash_in_order(files))
@@ -506,9 +532,19 @@ class _Download:
                         if r.number in f.done:
                             continue
                         await slots.acquire()
-                        group.create_task(self._part(f, r, slots))
+                        buf = None
+                        if self._buffers is not None:
+                            # In part order, here only: see the class.
+                            await self._buffers.acquire()
+                            buf = self._free.pop() if self._free else _buffer(largest)
+                        group.create_task(self._part(f, r, slots, buf))
         except BaseExceptionGroup as eg:
             raise _first_error(eg) from None
+
+    def _give_back(self, buf: memoryview) -> None:
+        self._free.append(buf)
+        assert self._buffers is not None
+        self._buffers.release()
 
     async def _hash_in_order(self, files: Sequence[_DownloadFile]) -> None:
         loop = asyncio.get_running_loop()
@@ -517,7 +553,17 @@ class _Download:
             h = hashlib.sha256()
             for n, r in enumerate(f.ranges):
                 await f.written[r.number].wait()
-                if f.direct_fd >= 0:
+                held = f.held.pop(r.number, None)
+                if held is not None:
+                    try:
+                        await loop.run_in_executor(
+                            self.hasher, _hash_view, h, held[: r.plain_end - r.plain_start]
+                        )
+                    finally:
+                        self._give_back(held)
+                    if f.direct_fd >= 0:
+                        continue
+                elif f.direct_fd >= 0:
                     if self._hash_buffer is None:
                         self._hash_buffer = _buffer(_HASH_READ_BYTES)
                     await loop.run_in_executor(
@@ -532,9 +578,10 @@ class _Download:
                         str(f.target),
                     )
                     continue  # nothing waits in the page cache to be written out
-                await loop.run_in_executor(
-                    self.hasher, _hash_range, h, f.fd, r.plain_start, r.plain_end, str(f.target)
-                )
+                else:
+                    await loop.run_in_executor(
+                        self.hasher, _hash_range, h, f.fd, r.plain_start, r.plain_end, str(f.target)
+                    )
                 # Hashed parts go to disk now (on a thread of their own, never in the hasher's
                 # way) rather than all at once in the fsync at the end; each waits for the
                 # part two back, so the dirty pages stay bounded too.
@@ -546,29 +593,39 @@ class _Download:
             f.sha256 = h.digest()
         await asyncio.gather(*flushes)
 
-    async def _part(self, f: _DownloadFile, r: PartRange, slots: asyncio.Semaphore) -> None:
+    async def _part(
+        self, f: _DownloadFile, r: PartRange, slots: asyncio.Semaphore, buf: memoryview | None
+    ) -> None:
         loop = asyncio.get_running_loop()
         try:
 
             async def attempt() -> None:
                 await self.urls.ensure_fresh()
                 try:
-                    await loop.run_in_executor(self.pool, self._fetch, f, r)
+                    await loop.run_in_executor(self.pool, self._fetch, f, r, buf)
                 except StorageUnavailable:
                     self.urls.expire()
                     raise
 
-            await _retrying(f"part {r.number} of {f.entry.path}", attempt)
+            try:
+                await _retrying(f"part {r.number} of {f.entry.path}", attempt)
+            except BaseException:
+                if buf is not None:
+                    self._give_back(buf)
+                raise
+            if buf is not None:
+                f.held[r.number] = buf  # the hasher gives it back
             f.written[r.number].set()
             self.progress(r.plain_end - r.plain_start)
         finally:
             slots.release()
 
-    def _fetch(self, f: _DownloadFile, r: PartRange) -> None:
-        """On a worker thread: GET part r and decrypt it as it arrives, ~1 MiB at a time, into a
-        buffer the thread reuses. AEAD authenticates every chunk under the file key (tampering,
-        reordering, truncation); the plaintext SHA-256 then proves the file is the uploader's, so
-        the ciphertext need not be hashed again here."""
+    def _fetch(self, f: _DownloadFile, r: PartRange, buf: memoryview | None) -> None:
+        """On a worker thread: GET part r and decrypt it as it arrives, ~1 MiB at a time, into
+        `buf` at each step's place (or, without one, a step buffer the thread reuses). AEAD
+        authenticates every chunk under the file key (tampering, reordering, truncation); the
+        plaintext SHA-256 then proves the file is the uploader's, so the ciphertext need not be
+        hashed again here."""
         where = f.entry.path
         view: memoryview | None = getattr(self._local, "buf", None)
         if view is None:
@@ -598,7 +655,8 @@ class _Download:
                         f"{where}: part {r.number} is shorter in storage than in the manifest", path=where
                     )
                 left -= size
-                _decrypt_and_write(f.key, r, block, first, count, f, where)
+                plain = _plain_buffer() if buf is None else buf[(first - r.first_chunk) * age.CHUNK_SIZE :]
+                _decrypt_and_write(f.key, r, block, first, count, f, where, plain)
             if resp.read(1):
                 raise IntegrityError(
                     f"{where}: part {r.number} is longer in storage than in the manifest", path=where

@@ -141,10 +141,61 @@ async def test_a_read_back_refused_for_direct_io_hashes_through_the_page_cache(
         return real(fd, buffers, offset)
 
     monkeypatch.setattr(os, "preadv", preadv)
+    # Parts too large to wait in memory for the hasher are read back (with direct I/O).
+    monkeypatch.setattr(_download, "HELD_PLAINTEXT_BYTES", 0)
     out, data = await round_trip(stack, tmp_path)
     assert refused
     for name, content in data.items():
         assert (out / name).read_bytes() == content
+
+
+async def test_the_hasher_hashes_from_memory_and_reads_nothing_back(
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each part waits for the in-order hasher in a buffer of its own: nothing is read back from
+    disk, and no more part buffers exist than the window, parts landing out of order included."""
+    reads: list[int] = []
+    real_preadv = os.preadv
+
+    def preadv(fd: int, buffers: Any, offset: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:  # a read-back (the upload reads sources)
+            reads.append(offset)
+        return real_preadv(fd, buffers, offset)
+
+    read_back: list[int] = []
+    real_hash_range = _download._hash_range
+
+    def hash_range(h: Any, fd: int, start: int, end: int, where: str) -> None:
+        read_back.append(start)
+        real_hash_range(h, fd, start, end, where)
+
+    made: list[int] = []
+    real_buffer = _download._buffer
+
+    def buffer(size: int) -> memoryview:
+        made.append(size)
+        return real_buffer(size)
+
+    windows: list[int] = []
+    real_run = _download._Download.run
+
+    async def run(self: Any, files: Any) -> None:
+        windows.append(self.window)
+        await real_run(self, files)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    monkeypatch.setattr(_download, "_hash_range", hash_range)
+    monkeypatch.setattr(_download, "_buffer", buffer)
+    monkeypatch.setattr(_download._Download, "run", run)
+    out, data = await round_trip(stack, tmp_path, concurrency=2)
+    # Still around the page cache: what was written went to disk directly.
+    for name in data:
+        assert resident_bytes(out / name) <= 4096, name
+    for name, content in data.items():
+        assert (out / name).read_bytes() == content
+    assert reads == [] and read_back == []
+    largest = max(made)
+    assert 0 < made.count(largest) <= windows[0]
 
 
 async def test_a_full_disk_under_direct_io_is_a_clear_error(

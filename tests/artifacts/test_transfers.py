@@ -490,7 +490,32 @@ async def test_an_artifact_of_many_small_files_is_completed_several_files_at_a_t
     assert 1 < most <= STORAGE_CALLS_AT_ONCE
     # The client asks for many small files' URLs in one call (it used to ask about one a call).
     asked = [e["details"]["requested"] for e in await stack.events() if e["action"] == "artifact.parts"]
-    assert sum(asked) == 40 and len(asked) <= 10, asked
+    assert sum(asked) == 40 and len(asked) <= 20, asked
+
+
+async def test_url_requests_that_arrive_together_go_in_few_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batcher's rule, alone (the API call faked: a pure unit): while storage waits, at most
+    two calls are out; what arrives meanwhile goes in the next call, up to the batch's size."""
+    import asyncio
+
+    from exchange.client import _upload
+
+    calls: list[list[tuple[int, int]]] = []
+
+    async def part_urls(client: Any, artifact_id: str, parts: list[tuple[int, int, bytes]]) -> Any:
+        calls.append([(f, n) for f, n, _ in parts])
+        await asyncio.sleep(0.05)
+        return {"parts": [{"file": f, "number": n, "url": f"u{f}"} for f, n, _ in parts]}
+
+    monkeypatch.setattr(_upload.api, "part_urls", part_urls)
+    batcher = _upload._URLBatcher(None, "art_x", max_batch=16, sending=lambda: 0, busy_at=3)  # type: ignore[arg-type]
+    answers = await asyncio.gather(*(batcher.url(i, 1, b"d" * 32) for i in range(40)))
+    assert [a["url"] for a in answers] == [f"u{i}" for i in range(40)]
+    # Two calls go at once (storage has nothing to do), the other 38 wait for an answer and then
+    # go 16 at a time, one call out at a time or two while starving.
+    assert [len(c) for c in calls[:2]] == [1, 1]
+    assert sorted(p for c in calls for p in c) == [(i, 1) for i in range(40)]
+    assert len(calls) <= 2 + 3 and max(len(c) for c in calls) == 16
 
 
 async def test_a_resumed_download_fetches_only_the_remainder(stack: Stack, tmp_path: Path) -> None:
