@@ -51,6 +51,15 @@ def test_bench_transfer_pin_runs_and_names_the_figures(tmp_path: Path) -> None:
     else:
         assert "memory: freed pages are not reported to a hypervisor; each transfer starts 0 s" in out
     assert "of which sys" in out
+    # The crypto an encrypted transfer must add, measured on this machine: the floor under the ratios.
+    crypto = re.search(
+        r"crypto on one core here: SHA-256 (\d+\.\d\d) s/GiB, ChaCha20-Poly1305 (\d+\.\d\d) s/GiB;"
+        r".*\((\d+\.\d\d) client CPU s/GiB more\)",
+        out,
+    )
+    assert crypto, out
+    sha, seal, both = (float(g) for g in crypto.groups())
+    assert sha > 0 and seal > 0 and abs(sha + seal - both) <= 0.011
     assert not any(tmp_path.iterdir())  # the work directory is removed
 
 
@@ -145,6 +154,9 @@ def test_bench_transfer_without_baseline_has_no_boto3_rows(tmp_path: Path) -> No
     out = run_bench(tmp_path, "--size", "8MiB", "--settle", "0", "--no-baseline")
     assert set(rows(out)) == {"exchange upload", "exchange download"}, out
     assert "boto3" not in out and " = " not in out  # no boto3 row, no ratio
+    assert re.search(
+        r"^crypto on one core here: SHA-256 \d+\.\d\d s/GiB, ChaCha20-Poly1305 \d+\.\d\d s/GiB$", out, re.M
+    )
 
 
 def test_pinning_moves_every_thread_of_a_process() -> None:

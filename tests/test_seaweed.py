@@ -14,6 +14,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import socket
 import stat
 import sys
@@ -406,6 +407,23 @@ def test_two_instances_run_side_by_side(make_weed: Callable[..., SeaweedFS]) -> 
     with pytest.raises(ClientError) as caught:
         stranger.list_buckets()
     assert error_of(caught.value) == (403, "InvalidAccessKeyId")
+
+
+def test_logs_go_to_its_own_log_file_and_leave_nothing_in_the_temporary_directory(
+    make_weed: Callable[..., SeaweedFS], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # weed's logger writes a file per start (and per severity) into $TMPDIR unless told not to:
+    # a test suite starting hundreds of stores would leave thousands there.
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    instance = make_weed("quiet")
+    instance.start()
+    instance.ensure_bucket("logged")
+    instance.stop()
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith("weed")]
+    # What it logged is in the instance's own log file instead (glog's "I1206 08:20:00.45 ..." lines).
+    assert re.search(r"^I\d{4} \d\d:\d\d:\d\d", instance.log_path.read_text(), re.MULTILINE)
 
 
 def test_a_taken_port_fails_start_with_the_log_tail(make_weed: Callable[..., SeaweedFS]) -> None:

@@ -10,6 +10,7 @@ cluster reuses the tests of tests/artifacts/test_transfers.py (see the end of th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -155,12 +156,20 @@ def test_objects_stay_readable_with_a_volume_server_gone(cluster: SeaweedCluster
     assert cluster.client().get_object(Bucket=BUCKET, Key=key)["Body"].read() == body
 
 
+def _as_in_a_terminal() -> None:
+    # Ctrl-C as a person at a terminal sends it: SIGINT at its default, whatever this test run
+    # inherited (a suite started in the background by a non-interactive shell ignores SIGINT,
+    # and Python then leaves it ignored in its children).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_runs_alone_until_interrupted(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "exchange.dev.seaweedcluster", str(tmp_path / "alone")],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=_as_in_a_terminal,  # a signal disposition, set before exec
     )
     try:
         assert proc.stdout is not None
@@ -176,6 +185,12 @@ def test_runs_alone_until_interrupted(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
     finally:
+        if proc.poll() is None:
+            # SIGTERM stops the cluster's processes too (each runs in a session of its own, so a
+            # SIGKILL here would leave them running after the test).
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=60)
         proc.kill()
         proc.wait()
         assert proc.stdout is not None

@@ -754,8 +754,11 @@ def _identities_json(admin: S3Credentials, service: Sequence[S3Credentials], buc
 def _spawn_weed(command: list[str], *, cwd: Path, log_path: Path) -> tuple[subprocess.Popen[bytes], int]:
     """Start `command` (a weed argv) in its own process group, appending its output to `log_path`.
 
-    Returns the process and the log offset where its output begins.
+    Returns the process and the log offset where its output begins. weed logs to stderr (so to
+    `log_path`) only: by default it also writes files of its own into $TMPDIR at every start,
+    which a test suite starting hundreds of processes would fill.
     """
+    command = [command[0], "-logtostderr", *command[1:]]  # a global flag: before the command
     env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUBBED_ENV_PREFIXES)}
     # weed also reads security.toml and friends from the working directory and ~/.seaweedfs;
     # point both at its own directory so a developer's own files cannot change this instance.
