@@ -45,7 +45,7 @@ twice, once to hash and once to send, which gives the same bytes since the key a
 A download decrypts each part into a buffer that waits for the in-order hasher (at most
 `_Download.window` of them, within `_download.HELD_PLAINTEXT_BYTES`; larger parts are read back
 into one 8 MiB buffer instead). Peak RSS, measured: 125 MiB uploading and 130 MiB downloading at
-1 GiB (`scripts/bench-transfer`).
+1 GiB, 127-130 and 135-144 MiB at 32 GiB (`scripts/bench-transfer`; README).
 
 What this module does not do: print, draw progress bars or exit. It reports progress through a
 callback and raises `ExchangeError`s.
